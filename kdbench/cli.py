@@ -1,0 +1,148 @@
+"""The ``kdbench`` command line: run, plugins, list, leaderboard.
+
+Exit codes: 0 success, 1 some cells failed, 2 bad input (config, plugin or argument error).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from . import __version__
+from .contracts import KINDS
+from .errors import KdbenchError, unknown
+from .params import field_specs
+
+DEFAULT_STORE = "kdbench-results.db"
+
+
+def cmd_run(args) -> int:
+    from .config import load_experiment
+    from .leaderboard import frame, summarize, to_markdown
+    from .plugins import get_plugins
+    from .runner import run_experiment
+    from .store import Store
+    from .teachers import default_cache_dir
+
+    plugins = get_plugins()
+    experiment = load_experiment(args.experiment, plugins)  # every error before any work
+    if args.executor is not None:
+        plugins.get("executor", args.executor, "--executor")
+    cache_dir = Path(args.cache_dir) if args.cache_dir else default_cache_dir()
+    with Store(args.store) as store:
+        summary = run_experiment(experiment, store, plugins, cache_dir, args.executor,
+                                 progress=None if args.quiet else sys.stderr)
+        records = store.records(experiment.name)
+    print(to_markdown(summarize(frame(records)), records))
+    print(f"{summary.total} cells: {summary.done} run now, {summary.skipped} already done, "
+          f"{len(summary.failed)} failed. Results in {args.store}.", file=sys.stderr)
+    for rec in summary.failed:
+        print(f"  FAILED {rec.role} {rec.task} | {rec.teacher} -> {rec.student} | {rec.recipe} | "
+              f"seed {rec.seed}: {rec.error}", file=sys.stderr)
+    if summary.failed:
+        print("Fix the cause and run the same command again: finished cells are kept, "
+              "failed ones are retried.", file=sys.stderr)
+    return summary.exit_code
+
+
+def cmd_plugins(args) -> int:
+    from .plugins import get_plugins
+
+    table = get_plugins().plugin_table()
+    if args.json:
+        print(json.dumps(table, indent=2))
+        return 0
+    for row in table:
+        things = "; ".join(f"{kind}: {', '.join(names)}" for kind, names in row["registered"].items())
+        print(f"{row['name']} {row['version']}  {things or '(registers nothing)'}")
+    return 0
+
+
+def cmd_list(args) -> int:
+    from .plugins import get_plugins
+
+    plugins = get_plugins()
+    kinds = [args.kind] if args.kind else list(KINDS)
+    if args.kind and args.kind not in KINDS:
+        raise KdbenchError(unknown("kind", args.kind, KINDS))
+    if args.json:
+        print(json.dumps([e.to_json() for k in kinds for e in plugins.entries[k].values()],
+                         indent=2, default=str))
+        return 0
+    for kind in kinds:
+        print(f"{kind}s:")
+        for name in plugins.names(kind):
+            entry = plugins.get(kind, name)
+            print(f"  {name}  ({entry.plugin} {entry.version}) - {entry.description}")
+            for spec in field_specs(entry.cls.Params):
+                default = "required" if spec["required"] else f"default {spec['default']!r}"
+                print(f"      {spec['name']}: {spec['type']} ({default})")
+    return 0
+
+
+def cmd_leaderboard(args) -> int:
+    from .leaderboard import frame, summarize, to_csv, to_markdown
+    from .store import Store
+
+    if not Path(args.store).exists():
+        raise KdbenchError(f"no results store at {args.store}; run 'kdbench run' first or pass "
+                           "--store PATH")
+    with Store(args.store) as store:
+        if args.experiment and args.experiment not in store.experiments():
+            raise KdbenchError(unknown("experiment", args.experiment, store.experiments()))
+        records = store.records(args.experiment)
+    summary = summarize(frame(records))
+    text = to_csv(summary) if args.format == "csv" else to_markdown(summary, records)
+    if args.output:
+        Path(args.output).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.output).write_text(text)
+        print(f"wrote {args.output}", file=sys.stderr)
+    else:
+        print(text, end="")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="kdbench", description=__doc__.splitlines()[0])
+    parser.add_argument("--version", action="version", version=f"kdbench {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    run = sub.add_parser("run", help="run an experiment file (default: the embedded quickstart)")
+    run.add_argument("experiment", nargs="?", help="experiment YAML; omit for the embedded default")
+    run.add_argument("--store", default=DEFAULT_STORE, help=f"results database (default {DEFAULT_STORE})")
+    run.add_argument("--cache-dir", help="where trained teachers are cached (default: user cache dir)")
+    run.add_argument("--executor", help="executor plugin (default: the file's, else 'local')")
+    run.add_argument("--quiet", action="store_true", help="no progress lines")
+    run.set_defaults(func=cmd_run)
+
+    plugins = sub.add_parser("plugins", help="list plugins, their versions and what they registered")
+    plugins.add_argument("--json", action="store_true")
+    plugins.set_defaults(func=cmd_plugins)
+
+    lst = sub.add_parser("list", help="registered names with their parameters and defaults")
+    lst.add_argument("kind", nargs="?", help=f"one of: {', '.join(KINDS)}")
+    lst.add_argument("--json", action="store_true")
+    lst.set_defaults(func=cmd_list)
+
+    board = sub.add_parser("leaderboard", help="mean ± std over seeds per (task, pair, recipe)")
+    board.add_argument("--store", default=DEFAULT_STORE)
+    board.add_argument("--experiment", help="only this experiment")
+    board.add_argument("--format", choices=["md", "csv"], default="md")
+    board.add_argument("--output", help="write to this file instead of standard output")
+    board.set_defaults(func=cmd_leaderboard)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except KdbenchError as exc:
+        print(f"kdbench: error: {exc}", file=sys.stderr)
+        return exc.exit_code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

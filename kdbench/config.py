@@ -1,0 +1,384 @@
+"""The experiment file: parsed, validated and expanded into a grid of cells before any work.
+
+Every plugin reference is a name or a mapping ``{name: ..., <params>}``. Any unknown key,
+name or parameter is a ``ConfigError`` carrying the file, the path inside it, the allowed
+values and a "did you mean".
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from collections.abc import Mapping
+from importlib import resources
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from . import __version__
+from .errors import ConfigError, unknown
+from .params import as_dict, parse_params
+from .plugins import Plugins
+
+DEFAULT_EXPERIMENT = "quickstart.yaml"
+TOP_LEVEL_KEYS = ("name", "description", "seeds", "tasks", "pairs", "recipes", "training",
+                  "measure", "executor")
+PAIR_KEYS = ("teacher", "student", "teacher_training")
+STAGE_OPS = ("init", "train", "distill", "finetune", "prune", "quantize", "decompose")
+TRAINING_OPS = ("train", "distill", "finetune")
+COMPRESSOR_KIND = {"prune": "pruner", "quantize": "quantizer", "decompose": "decomposer"}
+
+
+@dataclasses.dataclass(frozen=True)
+class Training:
+    """How a model is trained: the ``training`` block, a stage's overrides, a task's budget."""
+
+    epochs: int = 20
+    batch_size: int = 64
+    optimizer: Literal["adam", "adamw", "sgd"] = "adam"
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    momentum: float = 0.9  # sgd only
+    schedule: Literal["constant", "cosine"] = "constant"
+    checkpoint: Literal["best", "last"] = "best"  # best = highest validation metric
+
+    def __post_init__(self):
+        if self.epochs < 0 or self.batch_size < 1 or self.lr <= 0:
+            raise ValueError("epochs must be >= 0, batch_size >= 1 and lr > 0")
+
+
+@dataclasses.dataclass(frozen=True)
+class Measure:
+    """The measurement protocol; part of what makes two rows comparable."""
+
+    latency_batch_sizes: tuple[int, ...] = (1, 256)
+    latency_warmup: int = 3
+    latency_repeats: int = 15
+    eval_batch_size: int = 512
+    calibration_size: int = 256  # training inputs handed to compressors
+
+    def __post_init__(self):
+        if self.latency_repeats < 1 or self.eval_batch_size < 1 or not self.latency_batch_sizes:
+            raise ValueError("latency_repeats and eval_batch_size must be >= 1, "
+                             "latency_batch_sizes non-empty")
+
+
+@dataclasses.dataclass(frozen=True)
+class Ref:
+    """A resolved reference to a registered thing, with validated parameters."""
+
+    kind: str
+    name: str
+    params: Any
+    plugin: str
+    version: str
+
+    def spec(self) -> dict[str, Any]:
+        return {"name": self.name, **as_dict(self.params)}
+
+    def label(self) -> str:
+        """Short, readable: only the parameters that differ from the defaults."""
+        defaults = as_dict(type(self.params)())
+        changed = {k: v for k, v in as_dict(self.params).items() if defaults.get(k) != v}
+        if not changed:
+            return self.name
+        inner = ",".join(f"{k}={_short(v)}" for k, v in changed.items())
+        return f"{self.name}({inner})"
+
+
+def _short(value: Any) -> str:
+    if isinstance(value, list):
+        return "[" + ",".join(map(str, value)) + "]"
+    return str(value)
+
+
+@dataclasses.dataclass(frozen=True)
+class Stage:
+    op: str
+    ref: Ref | None = None  # the distiller / compressor (finetune: optional distiller)
+    training: Mapping[str, Any] = dataclasses.field(default_factory=dict)  # overrides
+    source: str | None = None  # init: where the weights come from
+
+    def spec(self, base: Training | None = None) -> dict[str, Any]:
+        out: dict[str, Any] = {"op": self.op}
+        if self.ref is not None:
+            out[self.ref.kind] = self.ref.spec()
+        if self.op in TRAINING_OPS and base is not None:
+            out["training"] = dataclasses.asdict(self.resolve_training(base))
+        if self.source:
+            out["source"] = self.source
+        return out
+
+    def resolve_training(self, base: Training) -> Training:
+        return parse_params(Training, {**dataclasses.asdict(base), **self.training}, self.op)
+
+    def label(self) -> str:
+        return f"{self.op}:{self.ref.label()}" if self.ref else self.op
+
+
+@dataclasses.dataclass(frozen=True)
+class Pair:
+    teacher: Ref
+    student: Ref
+    teacher_training: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+
+
+@dataclasses.dataclass(frozen=True)
+class Experiment:
+    name: str
+    seeds: tuple[int, ...]
+    tasks: tuple[Ref, ...]
+    pairs: tuple[Pair, ...]
+    recipes: dict[str, tuple[Stage, ...]]
+    training: Mapping[str, Any]
+    measure: Measure
+    executor: Ref | None
+    source: str
+
+    def cells(self) -> list["Cell"]:
+        """The grid: task x pair x recipe x seed, in that nesting order."""
+        return [Cell(self, task, pair, recipe, seed)
+                for task in self.tasks for pair in self.pairs
+                for recipe in self.recipes for seed in self.seeds]
+
+
+def digest(obj: Any) -> str:
+    """A stable hash of a JSON-ready object."""
+    blob = json.dumps(obj, sort_keys=True, separators=(",", ":"), default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def base_training(task: Ref, plugins: Plugins, overrides: Mapping[str, Any]) -> Training:
+    entry = plugins.get("task", task.name)
+    return parse_params(Training, {**entry.cls.default_training, **overrides}, "training")
+
+
+@dataclasses.dataclass(frozen=True)
+class TeacherJob:
+    """Training (or loading from cache) one teacher and measuring it."""
+
+    experiment: Experiment
+    task: Ref
+    teacher: Ref
+    training: Training
+    seed: int
+
+    def config(self) -> dict[str, Any]:
+        """Everything that determines the trained teacher's weights."""
+        return {"kdbench": __version__, "task": self.task.spec(), "teacher": self.teacher.spec(),
+                "training": dataclasses.asdict(self.training), "seed": self.seed,
+                "plugins": {r.plugin: r.version for r in (self.task, self.teacher)}}
+
+    @property
+    def teacher_key(self) -> str:
+        return digest(self.config())
+
+    @property
+    def cell_id(self) -> str:
+        """The teacher's own leaderboard row, measured under this experiment's protocol."""
+        return digest({"teacher": self.config(), "experiment": self.experiment.name,
+                       "measure": dataclasses.asdict(self.experiment.measure)})
+
+    def labels(self) -> dict[str, Any]:
+        return {"task": self.task.label(), "teacher": self.teacher.label(), "student": "-",
+                "recipe": "teacher", "seed": self.seed}
+
+
+@dataclasses.dataclass(frozen=True)
+class Cell:
+    """One point of the grid: (task, pair, recipe, seed)."""
+
+    experiment: Experiment
+    task: Ref
+    pair: Pair
+    recipe: str
+    seed: int
+
+    @property
+    def stages(self) -> tuple[Stage, ...]:
+        return self.experiment.recipes[self.recipe]
+
+    def teacher_job(self, plugins: Plugins) -> TeacherJob:
+        training = base_training(self.task, plugins,
+                                 {**self.experiment.training, **self.pair.teacher_training})
+        return TeacherJob(self.experiment, self.task, self.pair.teacher, training, self.seed)
+
+    def config(self, plugins: Plugins) -> dict[str, Any]:
+        """The full resolved config: stored with the row and hashed into the cell id."""
+        base = base_training(self.task, plugins, self.experiment.training)
+        refs = [self.task, self.pair.teacher, self.pair.student] + [s.ref for s in self.stages if s.ref]
+        return {"kdbench": __version__, "experiment": self.experiment.name,
+                "task": self.task.spec(), "teacher": self.pair.teacher.spec(),
+                "student": self.pair.student.spec(), "recipe": self.recipe,
+                "stages": [s.spec(base) for s in self.stages], "seed": self.seed,
+                "teacher_key": self.teacher_job(plugins).teacher_key,
+                "measure": dataclasses.asdict(self.experiment.measure),
+                "plugins": {r.plugin: r.version for r in refs}}
+
+    def cell_id(self, plugins: Plugins) -> str:
+        return digest(self.config(plugins))
+
+    def labels(self) -> dict[str, Any]:
+        return {"task": self.task.label(), "teacher": self.pair.teacher.label(),
+                "student": self.pair.student.label(), "recipe": self.recipe, "seed": self.seed}
+
+
+# ---------------------------------------------------------------------- parsing
+def load_experiment(path: str | Path | None, plugins: Plugins) -> Experiment:
+    """Read and validate an experiment file; ``None`` means the embedded default."""
+    if path is None:
+        text = resources.files("kdbench").joinpath("experiments", DEFAULT_EXPERIMENT).read_text()
+        source = f"<embedded {DEFAULT_EXPERIMENT}>"
+    else:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"experiment file not found: {path}; pass the path to a YAML file, "
+                              "or no path to run the embedded default")
+        text, source = path.read_text(), str(path)
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"not valid YAML: {exc}", source=source) from None
+    try:
+        return parse_experiment(raw, plugins, source)
+    except ConfigError as exc:
+        raise exc.located(source) from None
+
+
+def parse_experiment(raw: Any, plugins: Plugins, source: str = "<experiment>") -> Experiment:
+    if not isinstance(raw, Mapping):
+        raise ConfigError("an experiment file must be a mapping with at least 'name', 'tasks', "
+                          "'pairs' and 'recipes'")
+    for key in raw:
+        if key not in TOP_LEVEL_KEYS:
+            raise ConfigError(unknown("key", key, TOP_LEVEL_KEYS), str(key))
+    for key in ("name", "tasks", "pairs", "recipes"):
+        if key not in raw:
+            raise ConfigError(f"missing required key '{key}'", key)
+    name = raw["name"]
+    if not isinstance(name, str) or not name.strip():
+        raise ConfigError("'name' must be a non-empty string; it names the outputs", "name")
+
+    seeds = raw.get("seeds", [0])
+    if (not isinstance(seeds, list) or not seeds
+            or not all(isinstance(s, int) and not isinstance(s, bool) for s in seeds)):
+        raise ConfigError(f"'seeds' must be a non-empty list of integers, got {seeds!r}", "seeds")
+    if len(set(seeds)) != len(seeds):
+        raise ConfigError(f"'seeds' has duplicates: {seeds}", "seeds")
+
+    tasks = tuple(parse_ref(plugins, "task", r, f"tasks[{i}]")
+                  for i, r in enumerate(_list(raw["tasks"], "tasks")))
+    pairs = tuple(parse_pair(plugins, p, f"pairs[{i}]")
+                  for i, p in enumerate(_list(raw["pairs"], "pairs")))
+    recipes_raw = raw["recipes"]
+    if not isinstance(recipes_raw, Mapping) or not recipes_raw:
+        raise ConfigError("'recipes' must map recipe names to lists of stages", "recipes")
+    recipes = {str(rname): parse_recipe(plugins, stages, f"recipes.{rname}")
+               for rname, stages in recipes_raw.items()}
+
+    training = _mapping(raw.get("training") or {}, "training")
+    parse_params(Training, training, "training")  # checks keys and types now, before any work
+    for i, pair in enumerate(pairs):
+        parse_params(Training, {**training, **pair.teacher_training}, f"pairs[{i}].teacher_training")
+    measure = parse_params(Measure, _mapping(raw.get("measure") or {}, "measure"), "measure")
+    executor = parse_ref(plugins, "executor", raw["executor"], "executor") if raw.get("executor") else None
+    return Experiment(name.strip(), tuple(seeds), tasks, pairs, recipes, training, measure,
+                      executor, source)
+
+
+def parse_ref(plugins: Plugins, kind: str, raw: Any, where: str) -> Ref:
+    """``name`` or ``{name: ..., <params>}`` -> a Ref with validated parameters."""
+    if isinstance(raw, str):
+        name, params = raw, {}
+    elif isinstance(raw, Mapping):
+        if "name" not in raw:
+            raise ConfigError(f"a {kind} reference needs a 'name' (one of: "
+                              f"{', '.join(plugins.names(kind))})", where)
+        params = {k: v for k, v in raw.items() if k != "name"}
+        name = raw["name"]
+    else:
+        raise ConfigError(f"a {kind} reference is a name or a mapping with 'name', got {raw!r}", where)
+    entry = plugins.get(kind, str(name), f"{where}.name" if isinstance(raw, Mapping) else where)
+    parsed = parse_params(entry.cls.Params, params, where)
+    return Ref(kind, entry.name, parsed, entry.plugin, entry.version)
+
+
+def parse_pair(plugins: Plugins, raw: Any, where: str) -> Pair:
+    raw = _mapping(raw, where)
+    for key in raw:
+        if key not in PAIR_KEYS:
+            raise ConfigError(unknown("key", key, PAIR_KEYS), f"{where}.{key}")
+    for key in ("teacher", "student"):
+        if key not in raw:
+            raise ConfigError(f"a pair needs a '{key}'", where)
+    return Pair(parse_ref(plugins, "model", raw["teacher"], f"{where}.teacher"),
+                parse_ref(plugins, "model", raw["student"], f"{where}.student"),
+                _mapping(raw.get("teacher_training") or {}, f"{where}.teacher_training"))
+
+
+def parse_recipe(plugins: Plugins, raw: Any, where: str) -> tuple[Stage, ...]:
+    stages = tuple(parse_stage(plugins, s, f"{where}[{i}]") for i, s in enumerate(_list(raw, where)))
+    first = stages[0]
+    if first.op not in ("init", "train", "distill"):
+        raise ConfigError(f"a recipe must start with 'train', 'distill' or 'init: teacher', "
+                          f"not '{first.op}' (the student would be untrained)", f"{where}[0]")
+    frozen_by = None
+    for i, stage in enumerate(stages):
+        if stage.op == "init" and i > 0:
+            raise ConfigError("'init' can only be the first stage", f"{where}[{i}]")
+        if stage.op in TRAINING_OPS and frozen_by is not None:
+            raise ConfigError(f"'{stage.op}' cannot follow '{frozen_by}': the {frozen_by} result "
+                              "cannot be trained; move it to the end of the recipe", f"{where}[{i}]")
+        if stage.ref is not None and stage.op in COMPRESSOR_KIND:
+            if not plugins.get(stage.ref.kind, stage.ref.name).cls.trainable_after:
+                frozen_by = f"{stage.op}: {stage.ref.name}"
+    return stages
+
+
+def parse_stage(plugins: Plugins, raw: Any, where: str) -> Stage:
+    if isinstance(raw, str):
+        op, value = raw, None
+    elif isinstance(raw, Mapping) and len(raw) == 1:
+        op, value = next(iter(raw.items()))
+    else:
+        raise ConfigError(f"a stage is a name ('train') or a mapping with one key, e.g. "
+                          f"{{distill: hinton}}; got {raw!r}", where)
+    if op not in STAGE_OPS:
+        raise ConfigError(unknown("stage", op, STAGE_OPS), where)
+    at = f"{where}.{op}" if isinstance(raw, Mapping) else where
+    if op == "init":
+        if value != "teacher":
+            raise ConfigError(f"'init' takes only 'teacher', got {value!r}", at)
+        return Stage("init", source="teacher")
+    if op == "train":
+        overrides = _mapping(value or {}, at)
+        parse_params(Training, overrides, at)
+        return Stage("train", training=overrides)
+    if op == "distill":
+        if value is None:
+            raise ConfigError(f"'distill' needs a distiller (one of: {', '.join(plugins.names('distiller'))})", at)
+        return Stage("distill", parse_ref(plugins, "distiller", value, at))
+    if op == "finetune":
+        overrides = dict(_mapping(value or {}, at))
+        distiller = overrides.pop("distill", None)
+        parse_params(Training, overrides, at)
+        ref = parse_ref(plugins, "distiller", distiller, f"{at}.distill") if distiller else None
+        return Stage("finetune", ref, overrides)
+    if value is None:
+        kind = COMPRESSOR_KIND[op]
+        raise ConfigError(f"'{op}' needs a {kind} (one of: {', '.join(plugins.names(kind))})", at)
+    return Stage(op, parse_ref(plugins, COMPRESSOR_KIND[op], value, at))
+
+
+def _list(value: Any, where: str) -> list:
+    if not isinstance(value, list) or not value:
+        raise ConfigError(f"expected a non-empty list, got {value!r}", where)
+    return value
+
+
+def _mapping(value: Any, where: str) -> dict:
+    if not isinstance(value, Mapping):
+        raise ConfigError(f"expected a mapping, got {value!r}", where)
+    return dict(value)

@@ -1,0 +1,156 @@
+"""The vocabulary every plugin speaks: one base class per kind of registered thing.
+
+A plugin subclasses one of these, sets ``name``, ``description`` and ``Params`` (a dataclass
+of typed parameters with defaults), and hands the class to ``register`` inside the matching
+``kdbench_register_*`` hook. The core builds instances with validated parameters.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Iterable, Iterator
+from typing import Any, ClassVar, NamedTuple
+
+import torch
+from torch import nn
+from torch.utils.data import TensorDataset
+
+from .params import NoParams
+
+
+class Component:
+    """What every registered thing has: a name, a description, typed parameters."""
+
+    name: ClassVar[str] = ""
+    description: ClassVar[str] = ""
+    Params: ClassVar[type] = NoParams
+
+    def __init__(self, params: Any = None):
+        self.params = params if params is not None else self.Params()
+
+
+# ---------------------------------------------------------------- tasks
+@dataclasses.dataclass
+class TaskData:
+    """A task's fixed splits: validation chooses checkpoints, test only reports."""
+
+    train: TensorDataset
+    val: TensorDataset
+    test: TensorDataset
+    input_shape: tuple[int, ...]
+    num_classes: int
+
+
+class Task(Component):
+    """A dataset with fixed, seeded splits, a metric and a default training budget."""
+
+    category: ClassVar[str] = "classification"
+    version: ClassVar[str] = "1"
+    metric: ClassVar[str] = "accuracy"
+    higher_is_better: ClassVar[bool] = True
+    #: Keys of the experiment file's ``training`` block; the file overrides them.
+    default_training: ClassVar[dict[str, Any]] = {}
+
+    def load(self) -> TaskData:
+        raise NotImplementedError
+
+    def score(self, logits: torch.Tensor, targets: torch.Tensor) -> float:
+        """The task metric on a split, from the model's outputs."""
+        return (logits.argmax(dim=-1) == targets).float().mean().item()
+
+
+# ---------------------------------------------------------------- models
+class ModelFamily(Component):
+    """Builds teachers and students for a task and names where features can be tapped."""
+
+    def build(self, data: TaskData) -> nn.Module:
+        raise NotImplementedError
+
+    def feature_points(self, model: nn.Module) -> list[str]:
+        """Module paths whose outputs are features, shallow to deep."""
+        return []
+
+
+# ---------------------------------------------------------------- distillers
+class Outputs(NamedTuple):
+    """One forward pass: the logits and, when asked for, the features by point name."""
+
+    logits: torch.Tensor
+    features: dict[str, torch.Tensor]
+
+
+class Distiller(Component):
+    """A training objective that transfers knowledge from a teacher to a student."""
+
+    category: ClassVar[str] = "response"  # response | feature | relation
+    paper: ClassVar[str] = ""
+    #: Set when ``loss`` needs the features of both models (captured at feature points).
+    needs_features: ClassVar[bool] = False
+
+    def setup(self, student: nn.Module, teacher: nn.Module, data: TaskData) -> list[nn.Module]:
+        """Create extra trainable modules (adapters, projectors); their cost is counted."""
+        return []
+
+    def loss(self, student: Outputs, teacher: Outputs, targets: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Named, already-weighted loss terms; the trainer minimizes their sum."""
+        raise NotImplementedError
+
+
+# ---------------------------------------------------------------- compressors
+@dataclasses.dataclass
+class CompressionContext:
+    """What a compressor may use: calibration inputs, the task data, the teacher, the seed."""
+
+    data: TaskData
+    calibration: torch.Tensor
+    teacher: nn.Module | None
+    seed: int
+
+
+class Compressor(Component):
+    """Shared contract of pruners, quantizers and decomposers."""
+
+    #: True when the saved artifact really is smaller or faster; False when only simulated.
+    materialized: ClassVar[bool] = True
+    #: False when the result can no longer be trained (e.g. int8 kernels).
+    trainable_after: ClassVar[bool] = True
+
+    def apply(self, model: nn.Module, context: CompressionContext) -> nn.Module:
+        raise NotImplementedError
+
+    def report(self) -> dict[str, Any]:
+        """What the last ``apply`` did (ranks chosen, sparsity reached ...), for the record."""
+        return {}
+
+
+class Pruner(Compressor):
+    """Sets weights to zero (unstructured) or removes structures (channels, heads)."""
+
+
+class Quantizer(Compressor):
+    """Stores and/or runs weights and activations at lower precision."""
+
+
+class Decomposer(Compressor):
+    """Replaces layers by low-rank factors."""
+
+
+# ---------------------------------------------------------------- executors
+class Executor(Component):
+    """Runs independent jobs; results come back to the one process that writes the store."""
+
+    def map(self, fn: Callable[[Any], Any], jobs: Iterable[Any]) -> Iterator[tuple[Any, Any]]:
+        """Yield ``(job, fn(job))`` as each job finishes. ``fn`` never raises."""
+        raise NotImplementedError
+
+
+#: Registry kind -> base class; the order is the order of ``kdbench list``.
+KINDS: dict[str, type[Component]] = {
+    "task": Task,
+    "model": ModelFamily,
+    "distiller": Distiller,
+    "pruner": Pruner,
+    "quantizer": Quantizer,
+    "decomposer": Decomposer,
+    "executor": Executor,
+}

@@ -1,0 +1,156 @@
+"""The one measurement harness: every cell, whatever plugin produced it, is measured here."""
+
+from __future__ import annotations
+
+import copy
+import io
+import math
+import statistics
+import time
+import types
+from collections.abc import Iterator
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.nn.utils import prune
+from torch.utils.flop_counter import FlopCounterMode
+
+from .config import Measure
+from .contracts import Task, TaskData
+from .training import predict
+
+
+def export(model: nn.Module) -> nn.Module:
+    """The deployable model: pruning masks folded into plain weights (zeros stay zeros)."""
+    model = copy.deepcopy(model)
+    for module in model.modules():
+        for hook in list(module._forward_pre_hooks.values()):
+            if isinstance(hook, prune.BasePruningMethod):
+                prune.remove(module, hook._tensor_name)
+    return model.eval()
+
+
+def _is_quantized_module(module: nn.Module) -> bool:
+    return type(module).__module__.startswith("torch.ao.nn.quantized")
+
+
+def weight_tensors(model: nn.Module) -> Iterator[torch.Tensor]:
+    """Every learned tensor, including the packed int8 weights that ``parameters()`` hides."""
+    yield from model.parameters()
+    for module in model.modules():
+        weight = getattr(module, "weight", None)
+        if _is_quantized_module(module) and isinstance(weight, types.MethodType):
+            yield module.weight()
+            bias = module.bias()
+            if bias is not None:
+                yield bias
+
+
+def count_parameters(model: nn.Module) -> tuple[int, int]:
+    """(parameters, non-zero parameters)."""
+    total = nonzero = 0
+    for t in weight_tensors(model):
+        values = t.dequantize() if t.is_quantized else t.detach()
+        total += values.numel()
+        nonzero += int(torch.count_nonzero(values))
+    return total, nonzero
+
+
+def serialized_bytes(model: nn.Module) -> int:
+    """Size of the saved artifact: ``torch.save(model.state_dict())``."""
+    buffer = io.BytesIO()
+    torch.save(model.state_dict(), buffer)
+    return buffer.getbuffer().nbytes
+
+
+def weight_bytes(model: nn.Module) -> int:
+    """Bytes of tensor data in the state dict, without the file format's overhead."""
+    def size(value) -> int:
+        if isinstance(value, torch.Tensor):
+            return value.numel() * value.element_size()
+        if isinstance(value, (tuple, list)):
+            return sum(size(v) for v in value)
+        return 0
+    return sum(size(v) for v in model.state_dict().values())
+
+
+def count_flops(model: nn.Module, example: torch.Tensor) -> int:
+    """FLOPs of one forward pass (a multiply-add is 2 FLOPs).
+
+    ``torch.utils.flop_counter`` sees aten matrix ops; int8 kernels of quantized Linear
+    layers are invisible to it, so those are added from the layer shapes.
+    """
+    extra = 0
+
+    def quantized_linear(module, inputs, _output):
+        nonlocal extra
+        rows = inputs[0].numel() // module.in_features
+        extra += 2 * rows * module.in_features * module.out_features
+
+    handles = [m.register_forward_hook(quantized_linear) for m in model.modules()
+               if _is_quantized_module(m) and hasattr(m, "in_features")]
+    try:
+        with torch.no_grad(), FlopCounterMode(display=False) as counter:
+            model(example)
+    finally:
+        for h in handles:
+            h.remove()
+    return int(counter.get_total_flops()) + extra
+
+
+def latency(model: nn.Module, inputs: dict[int, torch.Tensor], warmup: int, repeats: int) -> dict[str, float]:
+    """Median and IQR of one forward pass per batch size, in ms.
+
+    Batch sizes are interleaved in every repeat so that drift in the machine's speed
+    affects all of them alike; each timing block runs long enough (~5 ms) to be above the
+    clock's resolution.
+    """
+    model.eval()
+    samples: dict[int, list[float]] = {b: [] for b in inputs}
+    inner: dict[int, int] = {}
+    with torch.inference_mode():
+        for b, x in inputs.items():
+            for _ in range(max(warmup, 1)):
+                model(x)
+            start = time.perf_counter()
+            model(x)
+            once = time.perf_counter() - start
+            inner[b] = max(1, min(200, math.ceil(0.005 / max(once, 1e-7))))
+        for _ in range(repeats):
+            for b, x in inputs.items():
+                start = time.perf_counter()
+                for _ in range(inner[b]):
+                    model(x)
+                samples[b].append((time.perf_counter() - start) / inner[b] * 1e3)
+    out = {}
+    for b, values in samples.items():
+        q = statistics.quantiles(values, n=4) if len(values) > 1 else [values[0]] * 3
+        out[f"latency_b{b}_ms"] = statistics.median(values)
+        out[f"latency_b{b}_iqr_ms"] = q[2] - q[0]
+    return out
+
+
+def batch_of(x: torch.Tensor, size: int) -> torch.Tensor:
+    """``size`` inputs taken (cyclically) from ``x``."""
+    reps = math.ceil(size / len(x))
+    return x.repeat(reps, *([1] * (x.dim() - 1)))[:size].contiguous()
+
+
+def measure(model: nn.Module, data: TaskData, task: Task, teacher_logits: torch.Tensor | None,
+            settings: Measure) -> dict[str, float]:
+    """All figures for one deployable model on the test split."""
+    x, y = data.test.tensors
+    logits = predict(model, x, settings.eval_batch_size)
+    figures: dict[str, float] = {f"test_{task.metric}": task.score(logits, y)}
+    if teacher_logits is not None:
+        figures["teacher_agreement"] = (logits.argmax(-1) == teacher_logits.argmax(-1)).float().mean().item()
+        figures["teacher_kl"] = F.kl_div(F.log_softmax(logits.float(), -1),
+                                         F.log_softmax(teacher_logits.float(), -1),
+                                         reduction="batchmean", log_target=True).item()
+    params, nonzero = count_parameters(model)
+    figures.update(params=params, nonzero_params=nonzero, size_bytes=serialized_bytes(model),
+                   weight_bytes=weight_bytes(model), flops=count_flops(model, x[:1]))
+    figures.update(latency(model, {b: batch_of(x, b) for b in settings.latency_batch_sizes},
+                           settings.latency_warmup, settings.latency_repeats))
+    return figures

@@ -1,0 +1,230 @@
+"""The runner: crosses the grid, runs each cell's recipe, measures it, stores it.
+
+Two phases keep the dependency between cells simple on any executor: first every teacher
+that a pending cell needs is trained (or found in the cache) and measured, then the student
+cells run. A cell that raises is stored as failed with its traceback; the others still run.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import datetime as dt
+import functools
+import random
+import sys
+import time
+import traceback
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, TextIO
+
+import numpy as np
+import torch
+from torch import nn
+
+from .config import COMPRESSOR_KIND, Cell, Experiment, Stage, TeacherJob, base_training, digest
+from .contracts import CompressionContext, TaskData
+from .environment import environment
+from .measure import export, measure
+from .plugins import Plugins
+from .store import Record, Store
+from .teachers import CachedTeacher, obtain_teacher
+from .training import Teacher, fit, predict
+
+
+@dataclasses.dataclass
+class RunSummary:
+    total: int
+    skipped: int
+    done: int
+    failed: list[Record]
+
+    @property
+    def exit_code(self) -> int:
+        return 1 if self.failed else 0
+
+
+class CellRunner:
+    """Runs teacher jobs and student cells in one process; picklable state only."""
+
+    def __init__(self, plugins: Plugins, cache_dir: Path):
+        self.plugins = plugins
+        self.cache_dir = Path(cache_dir)
+        self._data: dict[str, TaskData] = {}
+
+    # ------------------------------------------------------------ shared pieces
+    def data(self, task_ref) -> TaskData:
+        key = digest(task_ref.spec())
+        if key not in self._data:
+            self._data[key] = self.plugins.get("task", task_ref.name).build(task_ref.params).load()
+        return self._data[key]
+
+    def teacher(self, job: TeacherJob) -> CachedTeacher:
+        task = self.plugins.get("task", job.task.name).build(job.task.params)
+        family = self.plugins.get("model", job.teacher.name).build(job.teacher.params)
+        return obtain_teacher(job, task, family, self.data(job.task), self.cache_dir)
+
+    def _guarded(self, labels: dict, config: Callable[[], dict], cell_id: str, experiment: str,
+                 role: str, body: Callable[[], tuple[dict, list]]) -> Record:
+        started = _now()
+        try:
+            metrics, stages = body()
+            status, error, tb = "done", None, None
+        except Exception as exc:  # a broken cell must not stop the grid
+            metrics, stages = {}, []
+            status, error, tb = "failed", f"{type(exc).__name__}: {exc}", traceback.format_exc()
+        return Record(cell_id=cell_id, experiment=experiment, role=role, status=status,
+                      metrics=metrics, config=config(), stages=stages,
+                      environment={**environment(), "plugins": dict(self.plugins.versions)},
+                      started_at=started, finished_at=_now(), error=error, traceback=tb, **labels)
+
+    # ------------------------------------------------------------ teacher jobs
+    def run_teacher(self, job: TeacherJob) -> Record:
+        self.plugins.pm.hook.kdbench_cell_started(cell=job)
+
+        def body():
+            cached = self.teacher(job)
+            task = self.plugins.get("task", job.task.name).build(job.task.params)
+            metrics = measure(export(cached.model), self.data(job.task), task, None,
+                              job.experiment.measure)
+            metrics["train_seconds"] = cached.train_seconds
+            return metrics, [{"op": "train", "seconds": cached.train_seconds,
+                              "from_cache": cached.from_cache, "history": cached.history}]
+
+        return self._guarded(job.labels(), job.config, job.cell_id, job.experiment.name, "teacher", body)
+
+    # ------------------------------------------------------------ student cells
+    def run_cell(self, cell: Cell) -> Record:
+        self.plugins.pm.hook.kdbench_cell_started(cell=cell)
+        return self._guarded(cell_labels(cell), lambda: cell.config(self.plugins),
+                             cell.cell_id(self.plugins), cell.experiment.name, "student",
+                             functools.partial(self._student, cell))
+
+    def _student(self, cell: Cell) -> tuple[dict, list]:
+        seed_everything(cell.seed)
+        data = self.data(cell.task)
+        task = self.plugins.get("task", cell.task.name).build(cell.task.params)
+        job = cell.teacher_job(self.plugins)
+        cached = self.teacher(job)
+        teacher_family = self.plugins.get("model", cell.pair.teacher.name).build(cell.pair.teacher.params)
+        teacher = Teacher(cached.model, teacher_family.feature_points(cached.model))
+
+        if cell.stages[0].op == "init":
+            family, model = teacher_family, copy.deepcopy(cached.model)
+            for p in model.parameters():
+                p.requires_grad_(True)
+        else:
+            family = self.plugins.get("model", cell.pair.student.name).build(cell.pair.student.params)
+            model = family.build(data)
+        points = family.feature_points(model)
+        base = base_training(cell.task, self.plugins, cell.experiment.training)
+
+        log: list[dict] = []
+        extra_params = 0
+        for stage in cell.stages:
+            start = time.perf_counter()
+            entry: dict[str, Any] = {"op": stage.op, "name": stage.ref.name if stage.ref else None}
+            if stage.op == "init":
+                entry["source"] = stage.source
+            elif stage.op in ("train", "distill", "finetune"):
+                distiller = None
+                extra: list[nn.Module] = []
+                if stage.ref is not None:
+                    distiller = self.plugins.get("distiller", stage.ref.name).build(stage.ref.params)
+                    extra = distiller.setup(model, teacher.model, data)
+                    extra_params += sum(p.numel() for m in extra for p in m.parameters())
+                entry["history"] = fit(model, data.train, data.val, task, stage.resolve_training(base),
+                                       cell.seed, distiller=distiller, teacher=teacher,
+                                       student_points=points, extra_modules=extra)
+            else:
+                compressor = self.plugins.get(COMPRESSOR_KIND[stage.op], stage.ref.name).build(stage.ref.params)
+                if stage.op != "prune":
+                    model = export(model)  # fold earlier pruning masks into the weights first
+                context = CompressionContext(data=data, calibration=data.train.tensors[0][
+                    :cell.experiment.measure.calibration_size], teacher=teacher.model, seed=cell.seed)
+                model = compressor.apply(model, context)
+                entry.update(materialized=compressor.materialized, report=compressor.report())
+            entry["seconds"] = time.perf_counter() - start
+            log.append(entry)
+
+        deployable = export(model)
+        teacher_logits = predict(teacher.model, data.test.tensors[0])
+        metrics = measure(deployable, data, task, teacher_logits, cell.experiment.measure)
+        metrics["train_seconds"] = sum(e["seconds"] for e in log)
+        metrics["teacher_train_seconds"] = cached.train_seconds
+        metrics["extra_train_params"] = extra_params
+        metrics["materialized"] = all(e.get("materialized", True) for e in log)
+        return metrics, log
+
+
+def cell_labels(cell: Cell) -> dict:
+    labels = cell.labels()
+    if cell.stages[0].op == "init":  # the student is a copy of the teacher
+        labels["student"] = labels["teacher"]
+    return labels
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def _now() -> str:
+    return dt.datetime.now(dt.timezone.utc).isoformat(timespec="milliseconds")
+
+
+def run_experiment(experiment: Experiment, store: Store, plugins: Plugins, cache_dir: Path,
+                   executor_name: str | None = None, progress: TextIO | None = sys.stderr) -> RunSummary:
+    """Run every cell of the grid that the store does not hold as done."""
+    ref = experiment.executor
+    if executor_name is not None:
+        executor = plugins.build("executor", executor_name, where="--executor")
+    elif ref is not None:
+        executor = plugins.get("executor", ref.name).build(ref.params)
+    else:
+        executor = plugins.build("executor", "local")
+    runner = CellRunner(plugins, cache_dir)
+    done = store.done_ids()
+    cells = experiment.cells()
+    pending = [c for c in cells if c.cell_id(plugins) not in done]
+    pending_ids = {id(c) for c in pending}
+
+    jobs: dict[str, TeacherJob] = {}
+    for cell in cells:
+        job = cell.teacher_job(plugins)
+        if id(cell) in pending_ids or job.cell_id not in done:
+            jobs.setdefault(job.cell_id, job)
+    teacher_jobs = [j for j in jobs.values() if j.cell_id not in done]
+    # Teachers whose row exists but whose weights a pending cell needs are loaded or
+    # retrained inside that cell (the cache is keyed by the same hash).
+
+    say = (lambda msg: print(msg, file=progress, flush=True)) if progress else (lambda msg: None)
+    say(f"kdbench: experiment '{experiment.name}': {len(cells)} cells, {len(cells) - len(pending)} "
+        f"already done, {len(pending)} to run; {len(teacher_jobs)} teacher(s) to train or load")
+
+    failed: list[Record] = []
+    finished = 0
+    total = len(teacher_jobs) + len(pending)
+
+    def record(job, rec: Record, kind: str) -> None:
+        nonlocal finished
+        store.put(rec)
+        plugins.pm.hook.kdbench_cell_finished(cell=job, record=rec)
+        finished += 1
+        name = f"{rec.task} | {rec.teacher} -> {rec.student} | {rec.recipe} | seed {rec.seed}"
+        if rec.ok:
+            metric = next((k for k in rec.metrics if k.startswith("test_")), None)
+            score = f"{metric}={rec.metrics[metric]:.4f}" if metric else ""
+            say(f"[{finished}/{total}] {kind} {name}: ok {score}")
+        else:
+            failed.append(rec)
+            say(f"[{finished}/{total}] {kind} {name}: FAILED {rec.error}")
+
+    for job, rec in executor.map(runner.run_teacher, teacher_jobs):
+        record(job, rec, "teacher")
+    for cell, rec in executor.map(runner.run_cell, pending):
+        record(cell, rec, "cell")
+    return RunSummary(total=len(cells), skipped=len(cells) - len(pending),
+                      done=len(pending) - sum(1 for r in failed if r.role == "student"), failed=failed)

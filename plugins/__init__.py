@@ -1,0 +1,1 @@
+"""Built-in kdbench plugins, registered through the same entry points a third party uses."""
