@@ -23,6 +23,11 @@ from .training import predict
 
 def export(model: nn.Module) -> nn.Module:
     """The deployable model: pruning masks folded into plain weights (zeros stay zeros)."""
+    with torch.no_grad():  # the masked weight may carry autograd history that deepcopy refuses
+        for module in model.modules():
+            for hook in module._forward_pre_hooks.values():
+                if isinstance(hook, prune.BasePruningMethod):
+                    setattr(module, hook._tensor_name, hook.apply_mask(module))
     model = copy.deepcopy(model)
     for module in model.modules():
         for hook in list(module._forward_pre_hooks.values()):

@@ -28,8 +28,8 @@ class DynamicInt8(Quantizer):
             warnings.simplefilter("ignore")  # the eager API's deprecation notice
             quantized = torch.ao.quantization.quantize_dynamic(model, {nn.Linear}, dtype=torch.qint8)
         self._report = {"engine": torch.backends.quantized.engine,
-                        "quantized_layers": sum(1 for m in quantized.modules()
-                                                if type(m).__module__.startswith("torch.ao.nn.quantized"))}
+                        "quantized_layers": sum(isinstance(m, torch.ao.nn.quantized.dynamic.Linear)
+                                                for m in quantized.modules())}
         return quantized
 
     def report(self):

@@ -1,0 +1,99 @@
+"""The experiment file: the default parses, and every kind of mistake is caught before any
+work with a message that names the file, the path in it and the fix."""
+
+from __future__ import annotations
+
+import pytest
+import yaml
+
+from kdbench.cli import main
+from kdbench.config import load_experiment, parse_experiment
+from kdbench.errors import ConfigError
+
+from conftest import TINY
+
+
+def test_embedded_default_is_the_documented_grid(plugins):
+    exp = load_experiment(None, plugins)
+    assert exp.name == "quickstart"
+    assert list(exp.recipes) == ["scratch", "kd", "kd+prune", "kd+int8", "kd+svd", "teacher+prune"]
+    assert len(exp.cells()) == 1 * 1 * 6 * 3
+    kd = exp.recipes["kd"][0]
+    assert (kd.op, kd.ref.name, kd.ref.params.temperature, kd.ref.params.alpha) == ("distill", "hinton", 4.0, 0.9)
+    finetune = exp.recipes["teacher+prune"][2]
+    assert finetune.ref.name == "hinton" and finetune.training == {"epochs": 3}
+
+
+def test_cell_ids_are_stable_and_distinct(plugins):
+    a = load_experiment(None, plugins).cells()
+    b = load_experiment(None, plugins).cells()
+    ids = [c.cell_id(plugins) for c in a]
+    assert ids == [c.cell_id(plugins) for c in b]
+    assert len(set(ids)) == len(ids)
+
+
+def test_teachers_are_shared_across_recipes_but_not_seeds(plugins):
+    cells = load_experiment(None, plugins).cells()
+    keys = {c.teacher_job(plugins).teacher_key for c in cells}
+    assert len(keys) == 3  # one per seed
+
+
+def edit(mutate):
+    raw = yaml.safe_load(TINY)
+    mutate(raw)
+    return raw
+
+
+@pytest.mark.parametrize("mutate, where, message", [
+    (lambda r: r.update(recipies=r.pop("recipes")), "recipies", "did you mean 'recipes'"),
+    (lambda r: r.pop("name"), "name", "missing required key 'name'"),
+    (lambda r: r.update(tasks=["digit"]), "tasks[0]", "unknown task 'digit'; did you mean 'digits'"),
+    (lambda r: r.update(seeds=[0, "one"]), "seeds", "non-empty list of integers"),
+    (lambda r: r.update(seeds=[1, 1]), "seeds", "duplicates"),
+    (lambda r: r["pairs"][0]["student"].update(hiden=[8]), "pairs[0].student.hiden", "did you mean 'hidden'"),
+    (lambda r: r["pairs"][0]["student"].update(hidden=8), "pairs[0].student.hidden", "expected a list"),
+    (lambda r: r["pairs"][0]["student"].update(hidden=[0]), "pairs[0].student", "hidden sizes must be positive"),
+    (lambda r: r["pairs"][0].update(tacher=r["pairs"][0]["teacher"]), "pairs[0].tacher", "did you mean 'teacher'"),
+    (lambda r: r["recipes"].update(kd=[{"distill": {"name": "hinton", "temprature": 2}}]),
+     "recipes.kd[0].distill.temprature", "did you mean 'temperature'"),
+    (lambda r: r["recipes"].update(kd=[{"distill": {"name": "hinton", "temperature": -1}}]),
+     "recipes.kd[0].distill", "temperature must be positive"),
+    (lambda r: r["recipes"].update(kd=[{"distil": "hinton"}]), "recipes.kd[0]", "unknown stage 'distil'; did you mean 'distill'"),
+    (lambda r: r["recipes"].update(kd=[{"distill": "hintn"}]), "recipes.kd[0].distill", "did you mean 'hinton'"),
+    (lambda r: r["recipes"].update(p=[{"prune": {"name": "magnitude", "sparsity": 0.5}}]),
+     "recipes.p[0]", "must start with 'train', 'distill' or 'init: teacher'"),
+    (lambda r: r["recipes"].update(p=["train", {"prune": {"name": "magnitude", "sparsity": 1.5}}]),
+     "recipes.p[1].prune", "sparsity must be in [0, 1)"),
+    (lambda r: r["recipes"].update(q=["train", {"quantize": "dynamic-int8"}, {"finetune": {"epochs": 1}}]),
+     "recipes.q[2]", "cannot follow 'quantize: dynamic-int8'"),
+    (lambda r: r["recipes"].update(i=["train", {"init": "teacher"}]), "recipes.i[1]", "'init' can only be the first stage"),
+    (lambda r: r["recipes"].update(i=[{"init": "student"}]), "recipes.i[0].init", "'init' takes only 'teacher'"),
+    (lambda r: r["recipes"].update(f=["train", {"finetune": {"epoch": 1}}]), "recipes.f[1].finetune.epoch", "did you mean 'epochs'"),
+    (lambda r: r["training"].update(optimizer="adamm"), "training.optimizer", "did you mean 'adam'"),
+    (lambda r: r["training"].update(epochs=2.5), "training.epochs", "expected an integer"),
+    (lambda r: r.update(measure={"latency_repeat": 3}), "measure.latency_repeat", "did you mean 'latency_repeats'"),
+    (lambda r: r.update(executor="lokal"), "executor", "did you mean 'local'"),
+])
+def test_every_mistake_is_reported_with_its_path(plugins, mutate, where, message):
+    with pytest.raises(ConfigError) as info:
+        parse_experiment(edit(mutate), plugins)
+    assert info.value.where == where
+    assert message in info.value.message
+
+
+def test_error_names_the_file_and_exits_2_before_any_work(tiny_yaml, tmp_path, capsys):
+    path = tiny_yaml(TINY.replace("name: hinton", "name: hintn"))
+    store = tmp_path / "results.db"
+    assert main(["run", str(path), "--store", str(store)]) == 2
+    err = capsys.readouterr().err
+    assert f"{path}: recipes.kd[0].distill.name: unknown distiller 'hintn'; did you mean 'hinton'?" in err
+    assert not store.exists()
+
+
+def test_missing_file_and_broken_yaml_are_config_errors(plugins, tmp_path):
+    with pytest.raises(ConfigError, match="experiment file not found"):
+        load_experiment(tmp_path / "nope.yaml", plugins)
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("name: [unclosed\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_experiment(bad, plugins)

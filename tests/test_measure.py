@@ -1,0 +1,62 @@
+"""The measurement harness counts what a deployed model really holds and does."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from kdbench.config import Measure
+from kdbench.contracts import CompressionContext
+from kdbench.measure import batch_of, count_flops, count_parameters, export, latency, measure
+
+
+@pytest.fixture(scope="module")
+def setup():
+    from kdbench.plugins import get_plugins
+    plugins = get_plugins()
+    data = plugins.build("task", "digits").load()
+    torch.manual_seed(0)
+    model = plugins.build("model", "mlp", {"hidden": [32]}).build(data)
+    return plugins, data, model
+
+
+def test_flops_count_multiply_adds_as_two_for_float_and_int8(setup):
+    plugins, data, model = setup
+    x = data.test.tensors[0][:1]
+    expected = 2 * (64 * 32 + 32 * 10)
+    assert count_flops(model, x) == expected
+    quantized = plugins.build("quantizer", "dynamic-int8").apply(export(model), None)
+    assert count_flops(quantized, x) == expected
+    assert count_flops(model, batch_of(x, 8)) == 8 * expected
+
+
+def test_parameters_and_nonzeros_see_through_pruning_and_packing(setup):
+    plugins, data, model = setup
+    assert count_parameters(model) == (2410, 2410)
+    ctx = CompressionContext(data, data.train.tensors[0][:8], None, 0)
+    pruned = plugins.build("pruner", "magnitude", {"sparsity": 0.5}).apply(export(model), ctx)
+    total, nonzero = count_parameters(export(pruned))
+    assert total == 2410
+    assert nonzero == 2410 - round(0.5 * (64 * 32 + 32 * 10))  # biases are not pruned
+
+
+def test_latency_reports_median_and_iqr_per_batch_size(setup):
+    _, data, model = setup
+    x = data.test.tensors[0]
+    out = latency(model, {1: batch_of(x, 1), 64: batch_of(x, 64)}, warmup=1, repeats=5)
+    assert set(out) == {"latency_b1_ms", "latency_b1_iqr_ms", "latency_b64_ms", "latency_b64_iqr_ms"}
+    assert all(v >= 0 for v in out.values())
+    assert out["latency_b1_ms"] > 0
+
+
+def test_measure_reports_every_figure(setup):
+    plugins, data, model = setup
+    task = plugins.build("task", "digits")
+    teacher_logits = torch.randn(len(data.test), 10)
+    figures = measure(model, data, task, teacher_logits, Measure(latency_repeats=2, latency_batch_sizes=(1, 16)))
+    for key in ("test_accuracy", "teacher_agreement", "teacher_kl", "params", "nonzero_params",
+                "size_bytes", "weight_bytes", "flops", "latency_b1_ms", "latency_b16_ms"):
+        assert key in figures
+    assert 0 <= figures["test_accuracy"] <= 1
+    assert figures["weight_bytes"] == 2410 * 4
+    assert figures["size_bytes"] > figures["weight_bytes"]  # the file format's own overhead

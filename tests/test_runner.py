@@ -1,0 +1,133 @@
+"""Running grids: results stored per cell, resume, teacher caching, failures isolated."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+
+import kdbench.teachers
+from kdbench import hookimpl
+from kdbench.cli import main
+from kdbench.config import load_experiment
+from kdbench.contracts import Distiller
+from kdbench.runner import run_experiment
+from kdbench.store import Store
+
+from conftest import TINY
+
+
+def run(plugins, path, store_path, cache):
+    experiment = load_experiment(path, plugins)
+    with Store(store_path) as store:
+        summary = run_experiment(experiment, store, plugins, cache, progress=None)
+        return summary, store.records(experiment.name)
+
+
+def test_a_grid_runs_and_every_cell_is_stored_with_its_figures(plugins, tiny_yaml, tmp_path, isolated_cache):
+    summary, records = run(plugins, tiny_yaml(), tmp_path / "r.db", isolated_cache)
+    assert summary.exit_code == 0 and summary.done == 3
+    students = {r.recipe: r for r in records if r.role == "student"}
+    teachers = [r for r in records if r.role == "teacher"]
+    assert set(students) == {"scratch", "kd", "kd+int8"} and len(teachers) == 1
+    kd, int8 = students["kd"], students["kd+int8"]
+    assert kd.metrics["test_accuracy"] > 0.5
+    assert int8.metrics["weight_bytes"] * 3 < kd.metrics["weight_bytes"]
+    assert [s["op"] for s in int8.stages] == ["distill", "quantize"]
+    assert set(kd.stages[0]["history"][0]) >= {"epoch", "val_accuracy", "loss_ce", "loss_kd", "loss"}
+    assert kd.config["stages"][0]["distiller"] == {"name": "hinton", "temperature": 4.0, "alpha": 0.9}
+    assert kd.environment["torch"] == torch.__version__
+    assert kd.environment["plugins"]["distill-response"] == "0.1.0"
+
+
+def test_a_second_run_trains_nothing(plugins, tiny_yaml, tmp_path, isolated_cache, monkeypatch):
+    path, db = tiny_yaml(), tmp_path / "r.db"
+    run(plugins, path, db, isolated_cache)
+
+    def no_training(*args, **kwargs):
+        raise AssertionError("nothing should be trained on a rerun")
+
+    monkeypatch.setattr(kdbench.runner, "fit", no_training)
+    monkeypatch.setattr(kdbench.teachers, "fit", no_training)
+    summary, records = run(plugins, path, db, isolated_cache)
+    assert (summary.skipped, summary.done, summary.failed) == (3, 0, [])
+    assert len(records) == 4
+
+
+def test_a_teacher_is_trained_once_per_seed_and_reused_by_later_experiments(
+        plugins, tiny_yaml, tmp_path, isolated_cache, monkeypatch):
+    calls = []
+    real_fit = kdbench.teachers.fit
+    monkeypatch.setattr(kdbench.teachers, "fit", lambda *a, **k: calls.append(1) or real_fit(*a, **k))
+    run(plugins, tiny_yaml(TINY.replace("seeds: [0]", "seeds: [0, 1]")), tmp_path / "a.db", isolated_cache)
+    assert len(calls) == 2  # 3 recipes x 2 seeds, one teacher per seed
+    other = TINY.replace("name: tiny", "name: other").replace("hidden: [16]", "hidden: [8]")
+    run(plugins, tiny_yaml(other, "other.yaml"), tmp_path / "b.db", isolated_cache)
+    assert len(calls) == 2  # same task, teacher, training and seed: from the cache
+    assert len(list((isolated_cache / "teachers").glob("*.pt"))) == 2
+
+
+class Exploding(Distiller):
+    name = "exploding"
+    description = "raises on purpose"
+
+    @dataclasses.dataclass(frozen=True)
+    class Params:
+        message: str = "boom"
+
+    def loss(self, student, teacher, targets):
+        raise RuntimeError(self.params.message)
+
+
+class ExplodingPlugin:
+    @hookimpl
+    def kdbench_register_distillers(self, register):
+        register(Exploding)
+
+
+class Recorder:
+    def __init__(self):
+        self.started, self.finished = [], []
+
+    @hookimpl
+    def kdbench_cell_started(self, cell):
+        self.started.append(cell)
+
+    @hookimpl
+    def kdbench_cell_finished(self, cell, record):
+        self.finished.append(record.status)
+
+
+def test_a_plugin_that_raises_in_one_cell_does_not_stop_the_grid(plugins, tiny_yaml, tmp_path, isolated_cache):
+    text = TINY.replace("training:", "  broken: [{distill: {name: exploding, message: kaboom}}]\ntraining:")
+    recorder = Recorder()
+    with plugins.temporary(ExplodingPlugin(), "exploding"), plugins.temporary(recorder, "recorder"):
+        summary, records = run(plugins, tiny_yaml(text), tmp_path / "r.db", isolated_cache)
+    assert summary.exit_code == 1
+    failed = [r for r in records if r.status == "failed"]
+    assert [r.recipe for r in failed] == ["broken"]
+    assert failed[0].error == "RuntimeError: kaboom" and "Traceback" in failed[0].traceback
+    assert sum(r.ok for r in records) == 4  # teacher + three healthy recipes
+    assert len(recorder.started) == 5 and sorted(recorder.finished) == ["done"] * 4 + ["failed"]
+
+
+def test_cli_exit_codes_and_leaderboard_formats(tiny_yaml, tmp_path, capsys):
+    db = str(tmp_path / "r.db")
+    assert main(["run", str(tiny_yaml()), "--store", db, "--quiet"]) == 0
+    out = capsys.readouterr().out
+    assert "| digits | mlp(hidden=[64]) | - | **teacher** | 1 |" in out
+    assert main(["leaderboard", "--store", db, "--format", "csv"]) == 0
+    import io
+
+    import pandas as pd
+    table = pd.read_csv(io.StringIO(capsys.readouterr().out))
+    assert list(table["recipe"]) == ["teacher", "scratch", "kd", "kd+int8"]
+    assert {"test_accuracy_mean", "test_accuracy_std", "size_bytes_mean", "n"} <= set(table.columns)
+    output = tmp_path / "board.md"
+    assert main(["leaderboard", "--store", db, "--output", str(output)]) == 0
+    assert output.read_text().startswith("| task | teacher | student | recipe | n | accuracy % |")
+    assert main(["leaderboard", "--store", str(tmp_path / "missing.db")]) == 2
+    assert main(["leaderboard", "--store", db, "--experiment", "tiyn"]) == 2
+    assert "did you mean 'tiny'" in capsys.readouterr().err
+    assert main(["run", str(tiny_yaml()), "--store", db, "--executor", "nope"]) == 2
