@@ -19,7 +19,7 @@ import yaml
 
 from . import __version__
 from .errors import ConfigError, unknown
-from .params import as_dict, parse_params
+from .params import as_dict, defaults, parse_params
 from .plugins import Plugins
 
 DEFAULT_EXPERIMENT = "quickstart.yaml"
@@ -80,8 +80,8 @@ class Ref:
 
     def label(self) -> str:
         """Short, readable: only the parameters that differ from the defaults."""
-        defaults = as_dict(type(self.params)())
-        changed = {k: v for k, v in as_dict(self.params).items() if defaults.get(k) != v}
+        default = defaults(type(self.params))
+        changed = {k: v for k, v in as_dict(self.params).items() if k not in default or default[k] != v}
         if not changed:
             return self.name
         inner = ",".join(f"{k}={_short(v)}" for k, v in changed.items())

@@ -64,6 +64,11 @@ def parse_params(params_cls: type, raw: Mapping[str, Any] | None, where: str = "
         raise ConfigError(str(exc), where) from None
 
 
+def defaults(params_cls: type) -> dict[str, Any]:
+    """The default of every parameter that has one."""
+    return {s["name"]: _plain(s["default"]) for s in field_specs(params_cls) if not s["required"]}
+
+
 def as_dict(params: Any) -> dict[str, Any]:
     """Plain, JSON-ready values (tuples become lists) for hashing and storing."""
     return _plain(dataclasses.asdict(params))
@@ -90,14 +95,13 @@ def coerce(value: Any, tp: Any, where: str) -> Any:
     if origin in (typing.Union, types.UnionType):
         if value is None and type(None) in args:
             return None
-        errors = []
         for arg in args:
             if arg is type(None):
                 continue
             try:
                 return coerce(value, arg, where)
-            except ConfigError as exc:
-                errors.append(exc.message)
+            except ConfigError:
+                pass
         raise ConfigError(f"expected {type_name(tp)}, got {value!r}", where)
     if origin is typing.Literal:
         if value not in args:

@@ -96,11 +96,11 @@ class Plugins:
             self.pm.unregister(name=name)
             raise PluginError(f"plugin '{name}': {exc} (hooks are listed in kdbench/hookspecs.py)") from None
         self.versions[name] = version
-        added: list[Entry] = []
         try:
             for kind, hook in REGISTER_HOOKS.items():
+                # Call this plugin's implementation alone, so every name is attributed to it.
                 caller = self.pm.subset_hook_caller(hook, remove_plugins=self._others(name))
-                caller(register=lambda cls, kind=kind: added.append(self._add(kind, cls, name, version)))
+                caller(register=lambda cls, kind=kind: self._add(kind, cls, name, version))
         except Exception:
             self.unregister(name)
             raise

@@ -23,7 +23,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .config import COMPRESSOR_KIND, Cell, Experiment, Stage, TeacherJob, base_training, digest
+from .config import COMPRESSOR_KIND, Cell, Experiment, TeacherJob, base_training, digest
 from .contracts import CompressionContext, TaskData
 from .environment import environment
 from .measure import export, measure
@@ -35,10 +35,10 @@ from .training import Teacher, fit, predict
 
 @dataclasses.dataclass
 class RunSummary:
-    total: int
-    skipped: int
-    done: int
-    failed: list[Record]
+    total: int  # student cells in the grid
+    skipped: int  # already done before this run
+    done: int  # student cells finished now
+    failed: list[Record]  # teacher jobs and student cells that failed now
 
     @property
     def exit_code(self) -> int:
@@ -205,6 +205,7 @@ def run_experiment(experiment: Experiment, store: Store, plugins: Plugins, cache
         f"already done, {len(pending)} to run; {len(teacher_jobs)} teacher(s) to train or load")
 
     failed: list[Record] = []
+    failed_teachers: dict[str, Record] = {}
     finished = 0
     total = len(teacher_jobs) + len(pending)
 
@@ -224,7 +225,21 @@ def run_experiment(experiment: Experiment, store: Store, plugins: Plugins, cache
 
     for job, rec in executor.map(runner.run_teacher, teacher_jobs):
         record(job, rec, "teacher")
-    for cell, rec in executor.map(runner.run_cell, pending):
+        if not rec.ok:
+            failed_teachers[job.teacher_key] = rec
+    # A cell whose teacher failed fails at once, naming the cause, rather than retrying it.
+    runnable = []
+    for cell in pending:
+        cause = failed_teachers.get(cell.teacher_job(plugins).teacher_key)
+        if cause is None:
+            runnable.append(cell)
+            continue
+        now = _now()
+        record(cell, Record(cell_id=cell.cell_id(plugins), experiment=experiment.name, role="student",
+                            status="failed", metrics={}, config=cell.config(plugins), stages=[],
+                            environment=environment(), started_at=now, finished_at=now,
+                            error=f"its teacher failed: {cause.error}", **cell_labels(cell)), "cell")
+    for cell, rec in executor.map(runner.run_cell, runnable):
         record(cell, rec, "cell")
     return RunSummary(total=len(cells), skipped=len(cells) - len(pending),
-                      done=len(pending) - sum(1 for r in failed if r.role == "student"), failed=failed)
+                      done=len(pending) - sum(r.role == "student" for r in failed), failed=failed)

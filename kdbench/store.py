@@ -105,7 +105,7 @@ class Store:
         names = [d[0] for d in cursor.description]
         out = []
         for values in cursor:
-            row = dict(zip(names, values))
+            row = dict(zip(names, values, strict=True))
             for col in JSON_COLUMNS:
                 row[col] = json.loads(row[col])
             out.append(Record(**row))

@@ -3,15 +3,20 @@
 from __future__ import annotations
 
 import dataclasses
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
 
-import pytest
 import torch
 
 import kdbench.teachers
 from kdbench import hookimpl
 from kdbench.cli import main
 from kdbench.config import load_experiment
-from kdbench.contracts import Distiller
+from kdbench.contracts import Distiller, ModelFamily
+from kdbench.plugins import get_plugins
 from kdbench.runner import run_experiment
 from kdbench.store import Store
 
@@ -131,3 +136,59 @@ def test_cli_exit_codes_and_leaderboard_formats(tiny_yaml, tmp_path, capsys):
     assert main(["leaderboard", "--store", db, "--experiment", "tiyn"]) == 2
     assert "did you mean 'tiny'" in capsys.readouterr().err
     assert main(["run", str(tiny_yaml()), "--store", db, "--executor", "nope"]) == 2
+
+
+class BrokenFamily(ModelFamily):
+    name = "broken"
+    description = "cannot be built"
+
+    def build(self, data):
+        raise ValueError("no such architecture")
+
+
+class BrokenPlugin:
+    @hookimpl
+    def kdbench_register_models(self, register):
+        register(BrokenFamily)
+
+
+def test_cells_of_a_failed_teacher_fail_fast_naming_the_cause(plugins, tiny_yaml, tmp_path, isolated_cache):
+    text = TINY.replace("teacher: {name: mlp, hidden: [64]}", "teacher: broken")
+    with plugins.temporary(BrokenPlugin(), "broken"):
+        summary, records = run(plugins, tiny_yaml(text), tmp_path / "r.db", isolated_cache)
+    assert summary.exit_code == 1 and summary.done == 0
+    assert len(summary.failed) == 4
+    teacher = next(r for r in records if r.role == "teacher")
+    assert teacher.error == "ValueError: no such architecture"
+    students = [r for r in records if r.role == "student"]
+    assert {r.error for r in students} == {"its teacher failed: ValueError: no such architecture"}
+
+
+def test_a_run_killed_mid_grid_keeps_finished_cells_and_resumes(tiny_yaml, tmp_path, isolated_cache):
+    text = TINY.replace("seeds: [0]", "seeds: [0, 1, 2]").replace("epochs: 3", "epochs: 6")
+    path, db = tiny_yaml(text), tmp_path / "r.db"
+    proc = subprocess.Popen([sys.executable, "-m", "kdbench.cli", "run", str(path), "--store", str(db),
+                             "--quiet"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            if db.exists():
+                with sqlite3.connect(db) as con:
+                    try:
+                        n = con.execute("SELECT COUNT(*) FROM cells WHERE role='student'").fetchone()[0]
+                    except sqlite3.OperationalError:
+                        n = 0
+                if n >= 2:
+                    break
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGKILL)
+    finally:
+        proc.wait()
+    with Store(db) as store:
+        survivors = [r for r in store.records() if r.role == "student"]
+    assert 2 <= len(survivors) < 9, "the run should have been killed mid-grid"
+    assert all(r.ok and r.metrics["test_accuracy"] > 0 for r in survivors)
+    summary, records = run(get_plugins(), path, db, isolated_cache)
+    assert summary.skipped == len(survivors)
+    assert summary.done == 9 - len(survivors) and not summary.failed
+    assert sum(r.role == "student" for r in records) == 9
