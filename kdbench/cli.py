@@ -30,10 +30,16 @@ def cmd_run(args) -> int:
     experiment = load_experiment(args.experiment, plugins)  # every error before any work
     if args.executor is not None:
         plugins.get("executor", args.executor, "--executor")
+    check_device(args.device)
+    if args.threads is not None:
+        import torch
+        if args.threads < 1:
+            raise KdbenchError(f"--threads must be at least 1, got {args.threads}")
+        torch.set_num_threads(args.threads)
     cache_dir = Path(args.cache_dir) if args.cache_dir else default_cache_dir()
     with Store(args.store) as store:
         summary = run_experiment(experiment, store, plugins, cache_dir, args.executor,
-                                 progress=None if args.quiet else sys.stderr)
+                                 progress=None if args.quiet else sys.stderr, device=args.device)
         records = store.records(experiment.name)
     print(to_markdown(summarize(frame(records)), records))
     print(f"{summary.total} cells: {summary.done} run now, {summary.skipped} already done, "
@@ -45,6 +51,29 @@ def cmd_run(args) -> int:
         print("Fix the cause and run the same command again: finished cells are kept, "
               "failed ones are retried.", file=sys.stderr)
     return summary.exit_code
+
+
+def check_device(device: str) -> None:
+    import torch
+
+    try:
+        torch.device(device)
+    except RuntimeError:
+        raise KdbenchError(f"--device {device}: not a torch device; use cpu, cuda or cuda:N") from None
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise KdbenchError(f"--device {device}: torch sees no CUDA device here (torch "
+                           f"{torch.__version__}); use --device cpu or install a CUDA build of torch")
+
+
+def cmd_experiments(args) -> int:
+    import yaml
+
+    from .config import embedded_experiments
+
+    for name, text in sorted(embedded_experiments().items()):
+        raw = yaml.safe_load(text)
+        print(f"{name}: {raw.get('description', '').strip() or raw.get('name')}")
+    return 0
 
 
 def cmd_plugins(args) -> int:
@@ -110,12 +139,20 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     run = sub.add_parser("run", help="run an experiment file (default: the embedded quickstart)")
-    run.add_argument("experiment", nargs="?", help="experiment YAML; omit for the embedded default")
+    run.add_argument("experiment", nargs="?", help="experiment YAML or embedded name "
+                     "(see 'kdbench experiments'); omit for the embedded quickstart")
     run.add_argument("--store", default=DEFAULT_STORE, help=f"results database (default {DEFAULT_STORE})")
     run.add_argument("--cache-dir", help="where trained teachers are cached (default: user cache dir)")
     run.add_argument("--executor", help="executor plugin (default: the file's, else 'local')")
+    run.add_argument("--device", default="cpu", help="where to train: cpu (default), cuda, cuda:N; "
+                     "latency is always measured on the CPU")
+    run.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice); "
+                     "recorded with every row")
     run.add_argument("--quiet", action="store_true", help="no progress lines")
     run.set_defaults(func=cmd_run)
+
+    experiments = sub.add_parser("experiments", help="list the embedded experiment files")
+    experiments.set_defaults(func=cmd_experiments)
 
     plugins = sub.add_parser("plugins", help="list plugins, their versions and what they registered")
     plugins.add_argument("--json", action="store_true")

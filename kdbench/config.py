@@ -18,7 +18,7 @@ from typing import Any, Literal
 import yaml
 
 from . import __version__
-from .errors import ConfigError, unknown
+from .errors import ConfigError, did_you_mean, unknown
 from .params import as_dict, defaults, parse_params
 from .plugins import Plugins
 
@@ -41,12 +41,26 @@ class Training:
     lr: float = 1e-3
     weight_decay: float = 0.0
     momentum: float = 0.9  # sgd only
-    schedule: Literal["constant", "cosine"] = "constant"
-    checkpoint: Literal["best", "last"] = "best"  # best = highest validation metric
+    nesterov: bool = False  # sgd only
+    schedule: Literal["constant", "cosine", "multistep"] = "constant"
+    milestones: tuple[int, ...] = ()  # multistep: epochs at which the lr is multiplied by gamma
+    gamma: float = 0.1
+    warmup_epochs: float = 0.0  # linear warm-up from 0, per step
+    label_smoothing: float = 0.0
+    grad_clip: float = 0.0  # max gradient norm; 0 = off
+    checkpoint: Literal["best", "last"] = "best"  # best = best validation metric
 
     def __post_init__(self):
         if self.epochs < 0 or self.batch_size < 1 or self.lr <= 0:
             raise ValueError("epochs must be >= 0, batch_size >= 1 and lr > 0")
+        if not 0 <= self.label_smoothing < 1 or self.grad_clip < 0 or self.warmup_epochs < 0:
+            raise ValueError("label_smoothing must be in [0, 1), grad_clip and warmup_epochs >= 0")
+        if self.schedule == "multistep" and not self.milestones:
+            raise ValueError("schedule 'multistep' needs milestones, e.g. [150, 180, 210]")
+        if list(self.milestones) != sorted(self.milestones):
+            raise ValueError(f"milestones must be increasing, got {list(self.milestones)}")
+        if self.nesterov and self.optimizer != "sgd":
+            raise ValueError("nesterov applies to the sgd optimizer only")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -226,17 +240,25 @@ class Cell:
 
 
 # ---------------------------------------------------------------------- parsing
+def embedded_experiments() -> dict[str, str]:
+    """Experiment files shipped with kdbench, by name (file name without ``.yaml``)."""
+    folder = resources.files("kdbench").joinpath("experiments")
+    return {f.name.removesuffix(".yaml"): f.read_text() for f in folder.iterdir()
+            if f.name.endswith(".yaml")}
+
+
 def load_experiment(path: str | Path | None, plugins: Plugins) -> Experiment:
-    """Read and validate an experiment file; ``None`` means the embedded default."""
-    if path is None:
-        text = resources.files("kdbench").joinpath("experiments", DEFAULT_EXPERIMENT).read_text()
-        source = f"<embedded {DEFAULT_EXPERIMENT}>"
+    """Read and validate an experiment: a YAML path, an embedded name, or ``None`` (quickstart)."""
+    embedded = embedded_experiments()
+    name = DEFAULT_EXPERIMENT.removesuffix(".yaml") if path is None else str(path)
+    if path is not None and Path(path).is_file():
+        text, source = Path(path).read_text(), str(path)
+    elif name in embedded:
+        text, source = embedded[name], f"<embedded {name}.yaml>"
     else:
-        path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"experiment file not found: {path}; pass the path to a YAML file, "
-                              "or no path to run the embedded default")
-        text, source = path.read_text(), str(path)
+        raise ConfigError(f"experiment file not found: {path}; pass the path to a YAML file or "
+                          f"the name of an embedded experiment{did_you_mean(name, embedded)} "
+                          f"(embedded: {', '.join(sorted(embedded))})")
     try:
         raw = yaml.safe_load(text)
     except yaml.YAMLError as exc:

@@ -32,13 +32,21 @@ class Component:
 # ---------------------------------------------------------------- tasks
 @dataclasses.dataclass
 class TaskData:
-    """A task's fixed splits: validation chooses checkpoints, test only reports."""
+    """A task's fixed splits: validation chooses checkpoints, test only reports.
+
+    Tensors are model-ready (normalized). Targets are class indices: one per example, or one
+    per position for sequence tasks (``-100`` marks positions to ignore). ``num_classes`` is
+    the vocabulary size for language modelling. ``train_transform(x, generator)`` augments a
+    training batch (random crops, flips ...) and must draw randomness from ``generator``.
+    """
 
     train: TensorDataset
     val: TensorDataset
     test: TensorDataset
     input_shape: tuple[int, ...]
     num_classes: int
+    vocab_size: int | None = None  # for token inputs (text classification, language modelling)
+    train_transform: Callable[[torch.Tensor, torch.Generator], torch.Tensor] | None = None
 
 
 class Task(Component):
@@ -55,8 +63,13 @@ class Task(Component):
         raise NotImplementedError
 
     def score(self, logits: torch.Tensor, targets: torch.Tensor) -> float:
-        """The task metric on a split, from the model's outputs."""
-        return (logits.argmax(dim=-1) == targets).float().mean().item()
+        """The task metric on a split, from the model's outputs (accuracy by default)."""
+        mask = targets != -100
+        return (logits.argmax(dim=-1)[mask] == targets[mask]).float().mean().item()
+
+    def extra_metrics(self, logits: torch.Tensor, targets: torch.Tensor) -> dict[str, float]:
+        """Further figures reported on the test split (e.g. perplexity); not for selection."""
+        return {}
 
 
 # ---------------------------------------------------------------- models
@@ -92,7 +105,11 @@ class Distiller(Component):
         return []
 
     def loss(self, student: Outputs, teacher: Outputs, targets: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Named, already-weighted loss terms; the trainer minimizes their sum."""
+        """Named, already-weighted loss terms; the trainer minimizes their sum.
+
+        Logits arrive as rows ``(N, C)`` with targets ``(N,)``: for sequence tasks every
+        position is a row and ``targets == -100`` marks padding to leave out.
+        """
         raise NotImplementedError
 
 

@@ -18,7 +18,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from .config import Measure
 from .contracts import Task, TaskData
-from .training import predict
+from .training import predict, rows
 
 
 def export(model: nn.Module) -> nn.Module:
@@ -148,10 +148,14 @@ def measure(model: nn.Module, data: TaskData, task: Task, teacher_logits: torch.
     x, y = data.test.tensors
     logits = predict(model, x, settings.eval_batch_size)
     figures: dict[str, float] = {f"test_{task.metric}": task.score(logits, y)}
+    figures.update({f"test_{k}": v for k, v in task.extra_metrics(logits, y).items()})
     if teacher_logits is not None:
-        figures["teacher_agreement"] = (logits.argmax(-1) == teacher_logits.argmax(-1)).float().mean().item()
-        figures["teacher_kl"] = F.kl_div(F.log_softmax(logits.float(), -1),
-                                         F.log_softmax(teacher_logits.float(), -1),
+        s_rows, targets = rows(logits.float(), y)
+        t_rows = rows(teacher_logits.float(), y)[0]
+        keep = targets != -100  # sequence padding
+        s_rows, t_rows = s_rows[keep], t_rows[keep]
+        figures["teacher_agreement"] = (s_rows.argmax(-1) == t_rows.argmax(-1)).float().mean().item()
+        figures["teacher_kl"] = F.kl_div(F.log_softmax(s_rows, -1), F.log_softmax(t_rows, -1),
                                          reduction="batchmean", log_target=True).item()
     params, nonzero = count_parameters(model)
     figures.update(params=params, nonzero_params=nonzero, size_bytes=serialized_bytes(model),

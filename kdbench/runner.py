@@ -48,9 +48,10 @@ class RunSummary:
 class CellRunner:
     """Runs teacher jobs and student cells in one process; picklable state only."""
 
-    def __init__(self, plugins: Plugins, cache_dir: Path):
+    def __init__(self, plugins: Plugins, cache_dir: Path, device: str = "cpu"):
         self.plugins = plugins
         self.cache_dir = Path(cache_dir)
+        self.device = device
         self._data: dict[str, TaskData] = {}
 
     # ------------------------------------------------------------ shared pieces
@@ -63,7 +64,7 @@ class CellRunner:
     def teacher(self, job: TeacherJob) -> CachedTeacher:
         task = self.plugins.get("task", job.task.name).build(job.task.params)
         family = self.plugins.get("model", job.teacher.name).build(job.teacher.params)
-        return obtain_teacher(job, task, family, self.data(job.task), self.cache_dir)
+        return obtain_teacher(job, task, family, self.data(job.task), self.cache_dir, self.device)
 
     def _guarded(self, labels: dict, config: Callable[[], dict], cell_id: str, experiment: str,
                  role: str, body: Callable[[], tuple[dict, list]]) -> Record:
@@ -76,7 +77,8 @@ class CellRunner:
             status, error, tb = "failed", f"{type(exc).__name__}: {exc}", traceback.format_exc()
         return Record(cell_id=cell_id, experiment=experiment, role=role, status=status,
                       metrics=metrics, config=config(), stages=stages,
-                      environment={**environment(), "plugins": dict(self.plugins.versions)},
+                      environment={**environment(), "device": self.device,
+                                   "plugins": dict(self.plugins.versions)},
                       started_at=started, finished_at=_now(), error=error, traceback=tb, **labels)
 
     # ------------------------------------------------------------ teacher jobs
@@ -89,6 +91,8 @@ class CellRunner:
             metrics = measure(export(cached.model), self.data(job.task), task, None,
                               job.experiment.measure)
             metrics["train_seconds"] = cached.train_seconds
+            stage = {"history": cached.history}
+            metrics.update(epoch_figures([stage], task.metric))
             return metrics, [{"op": "train", "seconds": cached.train_seconds,
                               "from_cache": cached.from_cache, "history": cached.history}]
 
@@ -134,9 +138,9 @@ class CellRunner:
                     distiller = self.plugins.get("distiller", stage.ref.name).build(stage.ref.params)
                     extra = distiller.setup(model, teacher.model, data)
                     extra_params += sum(p.numel() for m in extra for p in m.parameters())
-                entry["history"] = fit(model, data.train, data.val, task, stage.resolve_training(base),
-                                       cell.seed, distiller=distiller, teacher=teacher,
-                                       student_points=points, extra_modules=extra)
+                entry["history"] = fit(model, data, task, stage.resolve_training(base), cell.seed,
+                                       distiller=distiller, teacher=teacher, student_points=points,
+                                       extra_modules=extra, device=self.device)
             else:
                 compressor = self.plugins.get(COMPRESSOR_KIND[stage.op], stage.ref.name).build(stage.ref.params)
                 if stage.op != "prune":
@@ -155,7 +159,24 @@ class CellRunner:
         metrics["teacher_train_seconds"] = cached.train_seconds
         metrics["extra_train_params"] = extra_params
         metrics["materialized"] = all(e.get("materialized", True) for e in log)
+        metrics.update(epoch_figures(log, task.metric))
         return metrics, log
+
+
+def epoch_figures(log: list[dict], metric: str) -> dict[str, float]:
+    """Last-epoch and chosen-epoch test metrics of the last training stage.
+
+    They describe the deployed model only when that stage ends the recipe; after a
+    compression stage they describe the model before compression.
+    """
+    trained = [e for e in log if e.get("history")]
+    if not trained:
+        return {}
+    history = trained[-1]["history"]
+    chosen = next(r for r in history if r.get("chosen"))
+    return {f"last_epoch_test_{metric}": history[-1][f"test_{metric}"],
+            f"chosen_epoch_test_{metric}": chosen[f"test_{metric}"],
+            "chosen_epoch": chosen["epoch"]}
 
 
 def cell_labels(cell: Cell) -> dict:
@@ -176,7 +197,8 @@ def _now() -> str:
 
 
 def run_experiment(experiment: Experiment, store: Store, plugins: Plugins, cache_dir: Path,
-                   executor_name: str | None = None, progress: TextIO | None = sys.stderr) -> RunSummary:
+                   executor_name: str | None = None, progress: TextIO | None = sys.stderr,
+                   device: str = "cpu") -> RunSummary:
     """Run every cell of the grid that the store does not hold as done."""
     ref = experiment.executor
     if executor_name is not None:
@@ -185,7 +207,7 @@ def run_experiment(experiment: Experiment, store: Store, plugins: Plugins, cache
         executor = plugins.get("executor", ref.name).build(ref.params)
     else:
         executor = plugins.build("executor", "local")
-    runner = CellRunner(plugins, cache_dir)
+    runner = CellRunner(plugins, cache_dir, device)
     done = store.done_ids()
     cells = experiment.cells()
     pending = [c for c in cells if c.cell_id(plugins) not in done]

@@ -44,7 +44,7 @@ def teacher_path(cache_dir: Path, job: TeacherJob) -> Path:
 
 
 def obtain_teacher(job: TeacherJob, task: Task, family: ModelFamily, data: TaskData,
-                   cache_dir: Path) -> CachedTeacher:
+                   cache_dir: Path, device: str = "cpu") -> CachedTeacher:
     """Load the teacher from the cache, or train it and cache it (atomically)."""
     path = teacher_path(cache_dir, job)
     model = family.build(data)
@@ -55,7 +55,7 @@ def obtain_teacher(job: TeacherJob, task: Task, family: ModelFamily, data: TaskD
     torch.manual_seed(job.seed)
     model = family.build(data)  # rebuilt after seeding, so the init depends on the seed alone
     start = time.perf_counter()
-    history = fit(model, data.train, data.val, task, job.training, job.seed)
+    history = fit(model, data, task, job.training, job.seed, device=device)
     seconds = time.perf_counter() - start
     path.parent.mkdir(parents=True, exist_ok=True)
     # Write to a temporary file and rename: a killed run never leaves a half-written teacher.

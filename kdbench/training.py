@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import math
 import time
 from collections import defaultdict
 from collections.abc import Iterator
@@ -11,10 +12,10 @@ from collections.abc import Iterator
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.data import DataLoader, TensorDataset
+from torch.utils.data import DataLoader
 
 from .config import Training
-from .contracts import Distiller, Outputs, Task
+from .contracts import Distiller, Outputs, Task, TaskData
 
 
 @contextlib.contextmanager
@@ -34,18 +35,38 @@ def capture_features(model: nn.Module, points: list[str]) -> Iterator[dict[str, 
 
 
 @torch.no_grad()
-def predict(model: nn.Module, inputs: torch.Tensor, batch_size: int = 512) -> torch.Tensor:
-    """Logits for ``inputs`` in eval mode, batched."""
+def predict(model: nn.Module, inputs: torch.Tensor, batch_size: int = 512,
+            device: str | torch.device = "cpu") -> torch.Tensor:
+    """Logits for ``inputs`` in eval mode, batched, returned on the CPU."""
     model.eval()
-    return torch.cat([model(inputs[i:i + batch_size]) for i in range(0, len(inputs), batch_size)])
+    return torch.cat([model(inputs[i:i + batch_size].to(device)).cpu()
+                      for i in range(0, len(inputs), batch_size)])
+
+
+def rows(logits: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(N, C) logits and (N,) targets: for sequence tasks every position is a row."""
+    return logits.reshape(-1, logits.shape[-1]), targets.reshape(-1)
 
 
 def make_optimizer(params, training: Training) -> torch.optim.Optimizer:
     if training.optimizer == "sgd":
         return torch.optim.SGD(params, lr=training.lr, momentum=training.momentum,
-                               weight_decay=training.weight_decay)
+                               nesterov=training.nesterov, weight_decay=training.weight_decay)
     cls = torch.optim.AdamW if training.optimizer == "adamw" else torch.optim.Adam
     return cls(params, lr=training.lr, weight_decay=training.weight_decay)
+
+
+def lr_factor(training: Training, step: int, steps_per_epoch: int) -> float:
+    """Multiplier of the base lr at a given optimizer step (warm-up, then the schedule)."""
+    epoch = step / steps_per_epoch
+    if training.warmup_epochs and epoch < training.warmup_epochs:
+        return (step + 1) / (training.warmup_epochs * steps_per_epoch)
+    if training.schedule == "cosine":
+        span = max(training.epochs - training.warmup_epochs, 1e-8)
+        return 0.5 * (1 + math.cos(math.pi * min((epoch - training.warmup_epochs) / span, 1.0)))
+    if training.schedule == "multistep":
+        return training.gamma ** sum(epoch >= m for m in training.milestones)
+    return 1.0
 
 
 class Teacher:
@@ -58,68 +79,93 @@ class Teacher:
             p.requires_grad_(False)
 
 
-def fit(model: nn.Module, train: TensorDataset, val: TensorDataset, task: Task,
-        training: Training, seed: int, *, distiller: Distiller | None = None,
-        teacher: Teacher | None = None, student_points: list[str] | None = None,
-        extra_modules: list[nn.Module] | None = None) -> list[dict]:
+def fit(model: nn.Module, data: TaskData, task: Task, training: Training, seed: int, *,
+        distiller: Distiller | None = None, teacher: Teacher | None = None,
+        student_points: list[str] | None = None, extra_modules: list[nn.Module] | None = None,
+        device: str = "cpu") -> list[dict]:
     """Train ``model`` in place; return the per-epoch history.
 
-    With a distiller the loss is the sum of its named terms; without one it is cross-entropy.
-    With ``checkpoint: best`` the weights of the epoch with the best validation metric are
-    restored at the end (the validation split chooses, the test split only reports).
+    Without a distiller the loss is cross-entropy (with the configured label smoothing);
+    with one it is the sum of the distiller's named terms. Logits and targets reach the
+    loss as rows (N, C) and (N,). With ``checkpoint: best`` the weights of the epoch with the
+    best validation metric are restored at the end: validation chooses, the test metric is
+    recorded per epoch for reporting only.
     """
     extra = nn.ModuleList(extra_modules or [])
+    model.to(device)
+    extra.to(device)
+    if teacher is not None:
+        teacher.model.to(device)
     params = [p for p in list(model.parameters()) + list(extra.parameters()) if p.requires_grad]
     optimizer = make_optimizer(params, training)
-    scheduler = (torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, max(training.epochs, 1))
-                 if training.schedule == "cosine" else None)
     generator = torch.Generator().manual_seed(seed)
-    loader = DataLoader(train, batch_size=training.batch_size, shuffle=True, generator=generator)
+    loader = DataLoader(data.train, batch_size=training.batch_size, shuffle=True, generator=generator)
+    steps = max(len(loader), 1)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(training, s, steps))
     want_features = bool(distiller and distiller.needs_features)
     s_points = student_points if want_features else []
     t_points = teacher.feature_points if (want_features and teacher) else []
-    val_x, val_y = val.tensors
+    better = (lambda a, b: a > b) if task.higher_is_better else (lambda a, b: a < b)
 
     history: list[dict] = []
     best_score, best_state, best_epoch = None, None, None
-    for epoch in range(1, training.epochs + 1):
-        start = time.perf_counter()
-        model.train()
-        extra.train()
-        sums: dict[str, float] = defaultdict(float)
-        seen = 0
-        for x, y in loader:
-            with capture_features(model, s_points) as s_feats:
-                s_logits = model(x)
-            if distiller is not None:
-                with torch.no_grad(), capture_features(teacher.model, t_points) as t_feats:
-                    t_logits = teacher.model(x)
-                terms = distiller.loss(Outputs(s_logits, s_feats), Outputs(t_logits, dict(t_feats)), y)
-            else:
-                terms = {"ce": F.cross_entropy(s_logits, y)}
-            loss = sum(terms.values())
-            if not torch.isfinite(loss):
-                raise FloatingPointError(f"non-finite loss at epoch {epoch}: "
-                                         + ", ".join(f"{k}={v.item():.4g}" for k, v in terms.items()))
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            for key, value in terms.items():
-                sums[key] += value.item() * len(x)
-            sums["loss"] += loss.item() * len(x)
-            seen += len(x)
-        if scheduler is not None:
-            scheduler.step()
-        score = task.score(predict(model, val_x), val_y)
-        row = {"epoch": epoch, f"val_{task.metric}": score,
-               **{f"loss_{k}" if k != "loss" else k: v / seen for k, v in sums.items()},
-               "seconds": time.perf_counter() - start}
-        history.append(row)
-        improved = best_score is None or (score > best_score if task.higher_is_better else score < best_score)
-        if training.checkpoint == "best" and improved:
-            best_score, best_epoch = score, epoch
-            best_state = copy.deepcopy(model.state_dict())
+    try:
+        for epoch in range(1, training.epochs + 1):
+            start = time.perf_counter()
+            model.train()
+            extra.train()
+            sums: dict[str, float] = defaultdict(float)
+            seen = 0
+            for x, y in loader:
+                if data.train_transform is not None:
+                    x = data.train_transform(x, generator)
+                x, y = x.to(device), y.to(device)
+                with capture_features(model, s_points) as s_feats:
+                    s_logits = model(x)
+                if distiller is not None:
+                    with torch.no_grad(), capture_features(teacher.model, t_points) as t_feats:
+                        t_logits = teacher.model(x)
+                    s_rows, targets = rows(s_logits, y)
+                    terms = distiller.loss(Outputs(s_rows, s_feats),
+                                           Outputs(rows(t_logits, y)[0], dict(t_feats)), targets)
+                else:
+                    terms = {"ce": F.cross_entropy(*rows(s_logits, y), ignore_index=-100,
+                                                   label_smoothing=training.label_smoothing)}
+                loss = sum(terms.values())
+                if not torch.isfinite(loss):
+                    raise FloatingPointError(f"non-finite loss at epoch {epoch}: "
+                                             + ", ".join(f"{k}={v.item():.4g}" for k, v in terms.items()))
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                if training.grad_clip:
+                    nn.utils.clip_grad_norm_(params, training.grad_clip)
+                optimizer.step()
+                scheduler.step()
+                for key, value in terms.items():
+                    sums[key] += value.item() * len(x)
+                sums["loss"] += loss.item() * len(x)
+                seen += len(x)
+            row = {"epoch": epoch, "lr": optimizer.param_groups[0]["lr"],
+                   **{f"loss_{k}" if k != "loss" else k: v / max(seen, 1) for k, v in sums.items()}}
+            score = None
+            for split in ("val", "test"):
+                x_eval, y_eval = getattr(data, split).tensors
+                value = task.score(predict(model, x_eval, device=device), y_eval)
+                row[f"{split}_{task.metric}"] = value
+                score = value if split == "val" else score
+            row["seconds"] = time.perf_counter() - start
+            history.append(row)
+            if training.checkpoint == "best" and (best_score is None or better(score, best_score)):
+                best_score, best_epoch = score, epoch
+                best_state = copy.deepcopy(model.state_dict())
+    finally:
+        model.to("cpu")
+        extra.to("cpu")
+        if teacher is not None:
+            teacher.model.to("cpu")
     if best_state is not None:
         model.load_state_dict(best_state)
         history[best_epoch - 1]["chosen"] = True
+    elif history:
+        history[-1]["chosen"] = True
     return history

@@ -44,7 +44,7 @@ def test_magnitude_reaches_its_sparsity_and_zeros_survive_finetuning(plugins, di
             if isinstance(m, nn.Linear):
                 assert (m.weight == 0).float().mean().item() == pytest.approx(0.75, abs=0.01)
     task = plugins.build("task", "digits")
-    fit(model, digits.train, digits.val, task, Training(epochs=2), seed=0)
+    fit(model, digits, task, Training(epochs=2), seed=0)
     deployed = export(model)
     assert weight_sparsity(deployed) == pytest.approx(0.75, abs=0.01)
     assert not any(name.endswith("_orig") for name, _ in deployed.named_parameters())

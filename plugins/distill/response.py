@@ -38,8 +38,9 @@ class Hinton(Distiller):
 
     def loss(self, student: Outputs, teacher: Outputs, targets: torch.Tensor) -> dict[str, torch.Tensor]:
         t, a = self.params.temperature, self.params.alpha
-        soft = F.kl_div(F.log_softmax(student.logits / t, dim=-1),
-                        F.log_softmax(teacher.logits / t, dim=-1),
+        keep = targets != -100  # sequence padding takes no part in either term
+        soft = F.kl_div(F.log_softmax(student.logits[keep] / t, dim=-1),
+                        F.log_softmax(teacher.logits[keep] / t, dim=-1),
                         reduction="batchmean", log_target=True)
         return {"ce": (1 - a) * F.cross_entropy(student.logits, targets),
                 "kd": a * t * t * soft}
