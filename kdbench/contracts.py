@@ -80,7 +80,11 @@ class ModelFamily(Component):
         raise NotImplementedError
 
     def feature_points(self, model: nn.Module) -> list[str]:
-        """Module paths whose outputs are features, shallow to deep."""
+        """Module paths whose outputs are features (hidden states), shallow to deep."""
+        return []
+
+    def attention_points(self, model: nn.Module) -> list[str]:
+        """Module paths whose outputs are attention maps ``(B, heads, T, T)`` (transformers)."""
         return []
 
 
