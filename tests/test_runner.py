@@ -44,6 +44,10 @@ def test_a_grid_runs_and_every_cell_is_stored_with_its_figures(plugins, tiny_yam
     assert kd.config["stages"][0]["distiller"] == {"name": "hinton", "temperature": 4.0, "alpha": 0.9}
     assert kd.environment["torch"] == torch.__version__
     assert kd.environment["plugins"]["distill-response"] == "0.1.0"
+    chosen = next(r for r in kd.stages[0]["history"] if r.get("chosen"))
+    assert kd.metrics["chosen_epoch"] == chosen["epoch"]
+    assert kd.metrics["chosen_epoch_test_accuracy"] == kd.metrics["test_accuracy"]  # nothing after training
+    assert kd.metrics["last_epoch_test_accuracy"] == kd.stages[0]["history"][-1]["test_accuracy"]
 
 
 def test_a_second_run_trains_nothing(plugins, tiny_yaml, tmp_path, isolated_cache, monkeypatch):

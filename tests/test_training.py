@@ -1,0 +1,82 @@
+"""The training loop's options do what the experiment file says."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from kdbench.cli import main
+from kdbench.config import Training
+from kdbench.errors import ConfigError
+from kdbench.params import parse_params
+from kdbench.training import fit, lr_factor, make_optimizer
+
+
+def test_multistep_schedule_decays_at_the_milestones():
+    t = Training(epochs=240, schedule="multistep", milestones=(150, 180, 210), gamma=0.1)
+    steps = 10
+    factors = {e: lr_factor(t, e * steps, steps) for e in (0, 149, 150, 179, 180, 210, 239)}
+    assert factors == pytest.approx({0: 1, 149: 1, 150: 0.1, 179: 0.1, 180: 0.01, 210: 0.001, 239: 0.001})
+
+
+def test_warmup_then_cosine():
+    t = Training(epochs=10, schedule="cosine", warmup_epochs=2)
+    steps = 5
+    assert lr_factor(t, 0, steps) == pytest.approx(1 / 10)
+    assert lr_factor(t, 9, steps) == pytest.approx(1.0)
+    assert lr_factor(t, 10, steps) == pytest.approx(1.0)  # warm-up done: cosine starts at 1
+    assert lr_factor(t, 30, steps) == pytest.approx(0.5)  # half-way through the cosine
+    assert lr_factor(t, 50, steps) == pytest.approx(0.0, abs=1e-9)
+
+
+def test_sgd_options_reach_the_optimizer():
+    params = [torch.nn.Parameter(torch.zeros(2))]
+    opt = make_optimizer(params, Training(optimizer="sgd", lr=0.05, momentum=0.9, nesterov=True,
+                                          weight_decay=5e-4))
+    group = opt.param_groups[0]
+    assert isinstance(opt, torch.optim.SGD)
+    assert (group["lr"], group["momentum"], group["nesterov"], group["weight_decay"]) == (0.05, 0.9, True, 5e-4)
+
+
+@pytest.mark.parametrize("raw, message", [
+    ({"schedule": "multistep"}, "needs milestones"),
+    ({"schedule": "multistep", "milestones": [20, 10]}, "must be increasing"),
+    ({"optimizer": "adam", "nesterov": True}, "sgd optimizer only"),
+    ({"label_smoothing": 1.0}, "label_smoothing"),
+])
+def test_inconsistent_training_blocks_are_rejected(raw, message):
+    with pytest.raises(ConfigError, match=message):
+        parse_params(Training, raw, "training")
+
+
+def test_history_records_validation_and_test_per_epoch_and_the_chosen_one(plugins):
+    data = plugins.build("task", "digits").load()
+    task = plugins.build("task", "digits")
+    torch.manual_seed(0)
+    model = plugins.build("model", "mlp", {"hidden": [16]}).build(data)
+    history = fit(model, data, task, Training(epochs=4, label_smoothing=0.1), seed=0)
+    assert [r["epoch"] for r in history] == [1, 2, 3, 4]
+    assert all({"val_accuracy", "test_accuracy", "loss_ce", "lr"} <= set(r) for r in history)
+    chosen = [r for r in history if r.get("chosen")]
+    assert len(chosen) == 1
+    assert chosen[0]["val_accuracy"] == max(r["val_accuracy"] for r in history)
+    # the restored weights are the chosen epoch's
+    restored = task.score(model(data.val.tensors[0]), data.val.tensors[1])
+    assert restored == pytest.approx(chosen[0]["val_accuracy"])
+
+
+def test_cuda_without_a_gpu_is_a_clear_error(tiny_yaml, tmp_path, capsys):
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is present")
+    assert main(["run", str(tiny_yaml()), "--store", str(tmp_path / "r.db"), "--device", "cuda"]) == 2
+    assert "torch sees no CUDA device" in capsys.readouterr().err
+    assert not (tmp_path / "r.db").exists()
+
+
+def test_embedded_experiments_run_by_name_and_are_listed(plugins, capsys):
+    from kdbench.config import load_experiment
+    assert load_experiment("quickstart", plugins).name == "quickstart"
+    with pytest.raises(ConfigError, match="did you mean 'quickstart'"):
+        load_experiment("quikstart", plugins)
+    assert main(["experiments"]) == 0
+    assert "quickstart: Hinton KD" in capsys.readouterr().out
