@@ -27,7 +27,7 @@ def cmd_run(args) -> int:
     from .teachers import default_cache_dir
 
     plugins = get_plugins()
-    experiment = load_experiment(args.experiment, plugins)  # every error before any work
+    experiment = load_experiment(args.experiment, plugins, args.set)  # every error before any work
     if args.executor is not None:
         plugins.get("executor", args.executor, "--executor")
     check_device(args.device)
@@ -141,6 +141,9 @@ def build_parser() -> argparse.ArgumentParser:
     run = sub.add_parser("run", help="run an experiment file (default: the embedded quickstart)")
     run.add_argument("experiment", nargs="?", help="experiment YAML or embedded name "
                      "(see 'kdbench experiments'); omit for the embedded quickstart")
+    run.add_argument("--set", action="append", default=[], metavar="PATH=VALUE",
+                     help="override a setting of the file, e.g. --set training.epochs=1 "
+                     "--set seeds=[0] (repeatable; validated like the file)")
     run.add_argument("--store", default=DEFAULT_STORE, help=f"results database (default {DEFAULT_STORE})")
     run.add_argument("--cache-dir", help="where trained teachers are cached (default: user cache dir)")
     run.add_argument("--executor", help="executor plugin (default: the file's, else 'local')")

@@ -247,7 +247,43 @@ def embedded_experiments() -> dict[str, str]:
             if f.name.endswith(".yaml")}
 
 
-def load_experiment(path: str | Path | None, plugins: Plugins) -> Experiment:
+def apply_overrides(raw: Any, overrides: list[str]) -> Any:
+    """Apply ``dotted.path=YAML`` settings (``--set training.epochs=1``) to the raw file.
+
+    Numbers in the path index lists (``pairs.0.student.hidden=[8]``). The result is validated
+    like any file, so an override cannot smuggle in an unknown key.
+    """
+    for item in overrides:
+        path, sep, text = item.partition("=")
+        if not sep or not path:
+            raise ConfigError(f"--set expects PATH=VALUE (e.g. training.epochs=1), got {item!r}")
+        try:
+            value = yaml.safe_load(text)
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"--set {item!r}: the value is not valid YAML: {exc}") from None
+        node: Any = raw
+        keys = path.split(".")
+        for i, key in enumerate(keys):
+            last = i == len(keys) - 1
+            where = ".".join(keys[:i + 1])
+            if isinstance(node, list):
+                if not key.isdigit() or int(key) >= len(node):
+                    raise ConfigError(f"--set: '{key}' is not an index of the list at {where}"
+                                      f" (it has {len(node)} items)")
+                key = int(key)
+            elif not isinstance(node, dict):
+                raise ConfigError(f"--set: {'.'.join(keys[:i])} is not a mapping or a list")
+            if last:
+                node[key] = value
+            else:
+                if isinstance(node, dict):
+                    node = node.setdefault(key, {})
+                else:
+                    node = node[key]
+    return raw
+
+
+def load_experiment(path: str | Path | None, plugins: Plugins, overrides: list[str] = ()) -> Experiment:
     """Read and validate an experiment: a YAML path, an embedded name, or ``None`` (quickstart)."""
     embedded = embedded_experiments()
     name = DEFAULT_EXPERIMENT.removesuffix(".yaml") if path is None else str(path)
@@ -264,7 +300,7 @@ def load_experiment(path: str | Path | None, plugins: Plugins) -> Experiment:
     except yaml.YAMLError as exc:
         raise ConfigError(f"not valid YAML: {exc}", source=source) from None
     try:
-        return parse_experiment(raw, plugins, source)
+        return parse_experiment(apply_overrides(raw, list(overrides)), plugins, source)
     except ConfigError as exc:
         raise exc.located(source) from None
 

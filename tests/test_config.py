@@ -97,3 +97,17 @@ def test_missing_file_and_broken_yaml_are_config_errors(plugins, tmp_path):
     bad.write_text("name: [unclosed\n")
     with pytest.raises(ConfigError, match="not valid YAML"):
         load_experiment(bad, plugins)
+
+
+def test_overrides_change_the_file_and_are_validated(plugins):
+    from kdbench.config import load_experiment
+
+    exp = load_experiment(None, plugins, ["training.epochs=1", "seeds=[7]", "pairs.0.student.hidden=[8]"])
+    assert exp.training["epochs"] == 1 and exp.seeds == (7,)
+    assert exp.pairs[0].student.params.hidden == (8,)
+    with pytest.raises(ConfigError, match="did you mean 'epochs'"):
+        load_experiment(None, plugins, ["training.epoch=1"])
+    with pytest.raises(ConfigError, match="not an index"):
+        load_experiment(None, plugins, ["pairs.3.student=mlp"])
+    with pytest.raises(ConfigError, match="expects PATH=VALUE"):
+        load_experiment(None, plugins, ["training.epochs"])
