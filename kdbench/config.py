@@ -88,12 +88,16 @@ class Ref:
     params: Any
     plugin: str
     version: str
+    short: str | None = dataclasses.field(default=None, compare=False)  # the plugin's own label
 
     def spec(self) -> dict[str, Any]:
         return {"name": self.name, **as_dict(self.params)}
 
     def label(self) -> str:
-        """Short, readable: only the parameters that differ from the defaults."""
+        """Short, readable: the plugin's own name for it (``resnet56``), or the parameters
+        that differ from the defaults (``mlp(hidden=[32])``)."""
+        if self.short:
+            return self.short
         default = defaults(type(self.params))
         changed = {k: v for k, v in as_dict(self.params).items() if k not in default or default[k] != v}
         if not changed:
@@ -360,7 +364,7 @@ def parse_ref(plugins: Plugins, kind: str, raw: Any, where: str) -> Ref:
         raise ConfigError(f"a {kind} reference is a name or a mapping with 'name', got {raw!r}", where)
     entry = plugins.get(kind, str(name), f"{where}.name" if isinstance(raw, Mapping) else where)
     parsed = parse_params(entry.cls.Params, params, where)
-    return Ref(kind, entry.name, parsed, entry.plugin, entry.version)
+    return Ref(kind, entry.name, parsed, entry.plugin, entry.version, entry.cls.label_for(parsed))
 
 
 def parse_pair(plugins: Plugins, raw: Any, where: str) -> Pair:

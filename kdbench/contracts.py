@@ -28,6 +28,12 @@ class Component:
     def __init__(self, params: Any = None):
         self.params = params if params is not None else self.Params()
 
+    @classmethod
+    def label_for(cls, params: Any) -> str | None:
+        """The field's usual short name for these parameters (``resnet56``, ``wrn-40-2``),
+        used in tables; ``None`` lets kdbench list the non-default parameters."""
+        return None
+
 
 # ---------------------------------------------------------------- tasks
 @dataclasses.dataclass

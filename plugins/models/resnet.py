@@ -116,6 +116,10 @@ class ResNet(ModelFamily):
             if self.arch not in ARCHS:
                 raise ValueError(f"arch must be one of {sorted(ARCHS)}, got {self.arch!r}")
 
+    @classmethod
+    def label_for(cls, params) -> str:
+        return params.arch
+
     def build(self, data: TaskData) -> nn.Module:
         channels, _, _ = image_shape(data, "resnet")
         blocks, widths = ARCHS[self.params.arch]

@@ -99,6 +99,10 @@ class VGG(ModelFamily):
             if self.arch not in ARCHS:
                 raise ValueError(f"arch must be one of {sorted(ARCHS)}, got {self.arch!r}")
 
+    @classmethod
+    def label_for(cls, params) -> str:
+        return params.arch
+
     def build(self, data: TaskData) -> nn.Module:
         channels, height, width = image_shape(data, "vgg")
         if min(height, width) < 8:

@@ -108,6 +108,11 @@ class WRN(ModelFamily):
             if not 0 <= self.dropout < 1:
                 raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
 
+    @classmethod
+    def label_for(cls, params) -> str:
+        name = f"wrn-{params.depth}-{params.widen}"
+        return f"{name}(dropout={params.dropout})" if params.dropout else name
+
     def build(self, data: TaskData) -> nn.Module:
         channels, _, _ = image_shape(data, "wrn")
         p = self.params
