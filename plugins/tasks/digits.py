@@ -1,7 +1,13 @@
 """Task ``digits``: scikit-learn's bundled 8x8 handwritten digits (no download).
 
 Source: the UCI ML hand-written digits test set (Alpaydin and Kaynak 1998) as shipped inside
-scikit-learn (BSD-3-Clause); 1,797 images, 10 classes.
+scikit-learn (BSD-3-Clause); 1,797 images, 10 classes; stratified 60/20/20 split.
+
+Measured with the embedded ``quickstart`` experiment (20 epochs of Adam, 3 seeds, 2 threads,
+torch 2.13 CPU): teacher mlp(hidden=[512,512]) 96.94 +- 0.56 % test accuracy, student
+mlp(hidden=[32]) from scratch 91.39 +- 0.56 % (a gap of about ten seed standard deviations);
+the whole 21-job grid takes about 20 s. Students land within a point of each other, which is
+why this is the smoke task, not a benchmark.
 """
 
 from __future__ import annotations
