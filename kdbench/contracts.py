@@ -102,23 +102,70 @@ class Outputs(NamedTuple):
     features: dict[str, torch.Tensor]
 
 
+@dataclasses.dataclass
+class DistillContext:
+    """What ``Distiller.setup`` may use to size its adapters and choose its taps.
+
+    ``*_points`` are the models' feature points (hidden states), shallow to deep;
+    ``*_attention`` their attention-map points (transformers). ``probe`` runs one real batch
+    through both models and returns the outputs at every point, so adapters can be sized
+    from true shapes.
+    """
+
+    student: nn.Module
+    teacher: nn.Module
+    data: TaskData
+    student_points: list[str]
+    teacher_points: list[str]
+    student_attention: list[str] = dataclasses.field(default_factory=list)
+    teacher_attention: list[str] = dataclasses.field(default_factory=list)
+    epochs: int = 1
+
+    def probe(self, batch_size: int = 2) -> tuple[Outputs, Outputs]:
+        from .training import capture_features  # local: training imports this module
+
+        x = self.data.train.tensors[0][:batch_size]
+        outs = []
+        with torch.no_grad():
+            for model, points in ((self.student, self.student_points + self.student_attention),
+                                  (self.teacher, self.teacher_points + self.teacher_attention)):
+                was_training = model.training
+                model.eval()
+                with capture_features(model, points) as feats:
+                    logits = model(x)
+                model.train(was_training)
+                outs.append(Outputs(logits, dict(feats)))
+        return outs[0], outs[1]
+
+
 class Distiller(Component):
-    """A training objective that transfers knowledge from a teacher to a student."""
+    """A training objective that transfers knowledge from a teacher to a student.
+
+    Per batch the trainer calls ``begin_batch`` (sample indices, epoch) and then ``loss``.
+    """
 
     category: ClassVar[str] = "response"  # response | feature | relation
     paper: ClassVar[str] = ""
-    #: Set when ``loss`` needs the features of both models (captured at feature points).
+    #: Set when ``loss`` needs the hidden states of both models (captured at feature points).
     needs_features: ClassVar[bool] = False
+    #: Set when ``loss`` needs attention maps (captured at attention points).
+    needs_attention: ClassVar[bool] = False
 
-    def setup(self, student: nn.Module, teacher: nn.Module, data: TaskData) -> list[nn.Module]:
+    def setup(self, context: DistillContext) -> list[nn.Module]:
         """Create extra trainable modules (adapters, projectors); their cost is counted."""
         return []
+
+    def begin_batch(self, indices: torch.Tensor, epoch: int, epochs: int) -> None:
+        """Called before each ``loss``: the batch's indices in the training split (memory
+        banks), the current epoch (1-based) and the stage's epoch count (warm-ups)."""
+        self.indices, self.epoch, self.epochs = indices, epoch, epochs
 
     def loss(self, student: Outputs, teacher: Outputs, targets: torch.Tensor) -> dict[str, torch.Tensor]:
         """Named, already-weighted loss terms; the trainer minimizes their sum.
 
         Logits arrive as rows ``(N, C)`` with targets ``(N,)``: for sequence tasks every
-        position is a row and ``targets == -100`` marks padding to leave out.
+        position is a row and ``targets == -100`` marks padding to leave out. Features keep
+        their model shapes, keyed by point path.
         """
         raise NotImplementedError
 

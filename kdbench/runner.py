@@ -24,13 +24,13 @@ import torch
 from torch import nn
 
 from .config import COMPRESSOR_KIND, Cell, Experiment, TeacherJob, base_training, digest
-from .contracts import CompressionContext, TaskData
+from .contracts import CompressionContext, DistillContext, TaskData
 from .environment import environment
 from .measure import export, measure
 from .plugins import Plugins
 from .store import Record, Store
 from .teachers import CachedTeacher, obtain_teacher
-from .training import Teacher, fit, predict
+from .training import Tapped, Teacher, fit, predict
 
 
 @dataclasses.dataclass
@@ -112,7 +112,8 @@ class CellRunner:
         job = cell.teacher_job(self.plugins)
         cached = self.teacher(job)
         teacher_family = self.plugins.get("model", cell.pair.teacher.name).build(cell.pair.teacher.params)
-        teacher = Teacher(cached.model, teacher_family.feature_points(cached.model))
+        teacher = Teacher(cached.model, teacher_family.feature_points(cached.model),
+                          teacher_family.attention_points(cached.model))
 
         if cell.stages[0].op == "init":
             family, model = teacher_family, copy.deepcopy(cached.model)
@@ -121,7 +122,6 @@ class CellRunner:
         else:
             family = self.plugins.get("model", cell.pair.student.name).build(cell.pair.student.params)
             model = family.build(data)
-        points = family.feature_points(model)
         base = base_training(cell.task, self.plugins, cell.experiment.training)
 
         log: list[dict] = []
@@ -134,13 +134,18 @@ class CellRunner:
             elif stage.op in ("train", "distill", "finetune"):
                 distiller = None
                 extra: list[nn.Module] = []
+                training = stage.resolve_training(base)
+                # Tap points are read per stage: a compressor may have replaced modules.
+                student = Tapped(model, family.feature_points(model), family.attention_points(model))
                 if stage.ref is not None:
                     distiller = self.plugins.get("distiller", stage.ref.name).build(stage.ref.params)
-                    extra = distiller.setup(model, teacher.model, data)
+                    extra = distiller.setup(DistillContext(
+                        model, teacher.model, data, student.feature_points, teacher.feature_points,
+                        student.attention_points, teacher.attention_points, training.epochs))
                     extra_params += sum(p.numel() for m in extra for p in m.parameters())
-                entry["history"] = fit(model, data, task, stage.resolve_training(base), cell.seed,
-                                       distiller=distiller, teacher=teacher, student_points=points,
-                                       extra_modules=extra, device=self.device)
+                entry["history"] = fit(model, data, task, training, cell.seed, distiller=distiller,
+                                       teacher=teacher, student=student, extra_modules=extra,
+                                       device=self.device)
             else:
                 compressor = self.plugins.get(COMPRESSOR_KIND[stage.op], stage.ref.name).build(stage.ref.params)
                 if stage.op != "prune":

@@ -69,19 +69,27 @@ def lr_factor(training: Training, step: int, steps_per_epoch: int) -> float:
     return 1.0
 
 
-class Teacher:
-    """A frozen teacher and the feature points a distiller may read."""
+class Tapped:
+    """A model and the points (module paths) where distillers may read it."""
 
-    def __init__(self, model: nn.Module, feature_points: list[str]):
-        self.model = model.eval()
-        self.feature_points = feature_points
+    def __init__(self, model: nn.Module, feature_points: list[str], attention_points: list[str] = ()):
+        self.model = model
+        self.feature_points = list(feature_points)
+        self.attention_points = list(attention_points)
+
+
+class Teacher(Tapped):
+    """A frozen teacher: eval mode, no gradients."""
+
+    def __init__(self, model: nn.Module, feature_points: list[str], attention_points: list[str] = ()):
+        super().__init__(model.eval(), feature_points, attention_points)
         for p in self.model.parameters():
             p.requires_grad_(False)
 
 
 def fit(model: nn.Module, data: TaskData, task: Task, training: Training, seed: int, *,
         distiller: Distiller | None = None, teacher: Teacher | None = None,
-        student_points: list[str] | None = None, extra_modules: list[nn.Module] | None = None,
+        student: Tapped | None = None, extra_modules: list[nn.Module] | None = None,
         device: str = "cpu") -> list[dict]:
     """Train ``model`` in place; return the per-epoch history.
 
@@ -89,8 +97,10 @@ def fit(model: nn.Module, data: TaskData, task: Task, training: Training, seed: 
     with one it is the sum of the distiller's named terms. Logits and targets reach the
     loss as rows (N, C) and (N,). With ``checkpoint: best`` the weights of the epoch with the
     best validation metric are restored at the end: validation chooses, the test metric is
-    recorded per epoch for reporting only.
+    recorded per epoch for reporting only. ``student`` names the model's tap points for
+    distillers that read features.
     """
+    student = student or Tapped(model, [])
     extra = nn.ModuleList(extra_modules or [])
     model.to(device)
     extra.to(device)
@@ -99,12 +109,18 @@ def fit(model: nn.Module, data: TaskData, task: Task, training: Training, seed: 
     params = [p for p in list(model.parameters()) + list(extra.parameters()) if p.requires_grad]
     optimizer = make_optimizer(params, training)
     generator = torch.Generator().manual_seed(seed)
-    loader = DataLoader(data.train, batch_size=training.batch_size, shuffle=True, generator=generator)
+    # Shuffle indices rather than the dataset, so distillers with memory banks (CRD) see them.
+    loader = DataLoader(torch.arange(len(data.train)), batch_size=training.batch_size, shuffle=True,
+                        generator=generator)
+    train_x, train_y = data.train.tensors
     steps = max(len(loader), 1)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(training, s, steps))
-    want_features = bool(distiller and distiller.needs_features)
-    s_points = student_points if want_features else []
-    t_points = teacher.feature_points if (want_features and teacher) else []
+    s_points, t_points = [], []
+    if distiller is not None and distiller.needs_features:
+        s_points, t_points = list(student.feature_points), list(teacher.feature_points)
+    if distiller is not None and distiller.needs_attention:
+        s_points += student.attention_points
+        t_points += teacher.attention_points
     better = (lambda a, b: a > b) if task.higher_is_better else (lambda a, b: a < b)
 
     history: list[dict] = []
@@ -116,13 +132,15 @@ def fit(model: nn.Module, data: TaskData, task: Task, training: Training, seed: 
             extra.train()
             sums: dict[str, float] = defaultdict(float)
             seen = 0
-            for x, y in loader:
+            for indices in loader:
+                x, y = train_x[indices], train_y[indices]
                 if data.train_transform is not None:
                     x = data.train_transform(x, generator)
                 x, y = x.to(device), y.to(device)
                 with capture_features(model, s_points) as s_feats:
                     s_logits = model(x)
                 if distiller is not None:
+                    distiller.begin_batch(indices, epoch, training.epochs)
                     with torch.no_grad(), capture_features(teacher.model, t_points) as t_feats:
                         t_logits = teacher.model(x)
                     s_rows, targets = rows(s_logits, y)
@@ -162,7 +180,7 @@ def fit(model: nn.Module, data: TaskData, task: Task, training: Training, seed: 
         model.to("cpu")
         extra.to("cpu")
         if teacher is not None:
-            teacher.model.to("cpu")
+            teacher.model.to("cpu").eval()
     if best_state is not None:
         model.load_state_dict(best_state)
         history[best_epoch - 1]["chosen"] = True

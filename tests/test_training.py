@@ -80,3 +80,46 @@ def test_embedded_experiments_run_by_name_and_are_listed(plugins, capsys):
         load_experiment("quikstart", plugins)
     assert main(["experiments"]) == 0
     assert "quickstart: Hinton KD" in capsys.readouterr().out
+
+
+def test_a_feature_distiller_sees_taps_indices_and_epochs(plugins):
+    from kdbench.contracts import DistillContext, Distiller
+    from kdbench.training import Tapped, Teacher
+
+    data = plugins.build("task", "digits").load()
+    task = plugins.build("task", "digits")
+    family = plugins.build("model", "mlp", {"hidden": [16, 8]})
+    torch.manual_seed(0)
+    teacher_model, student_model = family.build(data), family.build(data)
+    seen = []
+
+    class Probe(Distiller):
+        name = "probe"
+        description = "records what the trainer hands it"
+        needs_features = True
+
+        def setup(self, context):
+            s, t = context.probe()
+            self.shapes = {k: tuple(v.shape) for k, v in s.features.items()}
+            self.adapter = torch.nn.Linear(8, 8)
+            return [self.adapter]
+
+        def loss(self, student, teacher, targets):
+            seen.append((self.indices.clone(), self.epoch, self.epochs, set(student.features),
+                         set(teacher.features), student.features["act2"].requires_grad,
+                         teacher.features["act2"].requires_grad))
+            return {"ce": torch.nn.functional.cross_entropy(student.logits, targets),
+                    "feat": (self.adapter(student.features["act2"]) - teacher.features["act2"]).pow(2).mean()}
+
+    distiller = Probe()
+    points = family.feature_points(student_model)
+    adapters = distiller.setup(DistillContext(student_model, teacher_model, data, points, points))
+    assert distiller.shapes == {"act1": (2, 16), "act2": (2, 8)}
+    before = distiller.adapter.weight.detach().clone()
+    fit(student_model, data, task, Training(epochs=2, batch_size=256), seed=0, distiller=distiller,
+        teacher=Teacher(teacher_model, points), student=Tapped(student_model, points), extra_modules=adapters)
+    first_epoch = torch.cat([s[0] for s in seen if s[1] == 1])
+    assert sorted(first_epoch.tolist()) == list(range(len(data.train)))  # every sample once per epoch
+    assert {s[1] for s in seen} == {1, 2} and {s[2] for s in seen} == {2}
+    assert all(s[3] == s[4] == {"act1", "act2"} and s[5] and not s[6] for s in seen)
+    assert not torch.equal(before, distiller.adapter.weight)  # adapters are trained

@@ -9,6 +9,7 @@ import torch.nn.functional as F
 
 from kdbench import hookimpl
 from kdbench.contracts import Distiller, Outputs
+from kdbench_plugins.distill.common import soft_kl
 
 
 class Hinton(Distiller):
@@ -37,13 +38,9 @@ class Hinton(Distiller):
                 raise ValueError(f"alpha must be in [0, 1], got {self.alpha}")
 
     def loss(self, student: Outputs, teacher: Outputs, targets: torch.Tensor) -> dict[str, torch.Tensor]:
-        t, a = self.params.temperature, self.params.alpha
-        keep = targets != -100  # sequence padding takes no part in either term
-        soft = F.kl_div(F.log_softmax(student.logits[keep] / t, dim=-1),
-                        F.log_softmax(teacher.logits[keep] / t, dim=-1),
-                        reduction="batchmean", log_target=True)
-        return {"ce": (1 - a) * F.cross_entropy(student.logits, targets),
-                "kd": a * t * t * soft}
+        a = self.params.alpha
+        return {"ce": (1 - a) * F.cross_entropy(student.logits, targets, ignore_index=-100),
+                "kd": a * soft_kl(student.logits, teacher.logits, self.params.temperature, targets)}
 
 
 @hookimpl

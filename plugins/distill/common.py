@@ -1,0 +1,51 @@
+"""Loss terms shared by the distillers.
+
+Most feature and relation methods are trained, as in the CRD/RepDistiller code base, with
+``ce_weight * CE + kd_weight * Hinton-KD + beta * method_loss``; ``Mixed`` holds those three
+weights and ``mixed_terms`` computes the first two.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+import torch.nn.functional as F
+
+from kdbench.contracts import Outputs
+
+
+def soft_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float,
+            targets: torch.Tensor | None = None) -> torch.Tensor:
+    """``T^2 * KL(softmax(t / T) || softmax(s / T))`` averaged over rows; rows whose target is
+    -100 (sequence padding) are left out."""
+    if targets is not None:
+        keep = targets != -100
+        student_logits, teacher_logits = student_logits[keep], teacher_logits[keep]
+    t = temperature
+    return t * t * F.kl_div(F.log_softmax(student_logits / t, dim=-1),
+                            F.log_softmax(teacher_logits / t, dim=-1),
+                            reduction="batchmean", log_target=True)
+
+
+@dataclasses.dataclass(frozen=True)
+class Mixed:
+    """Weights of the cross-entropy and Hinton-KD terms that accompany a method's own loss."""
+
+    ce_weight: float = 1.0
+    kd_weight: float = 0.0
+    temperature: float = 4.0
+
+    def __post_init__(self):
+        if self.ce_weight < 0 or self.kd_weight < 0 or self.temperature <= 0:
+            raise ValueError("ce_weight and kd_weight must be >= 0 and temperature > 0")
+
+
+def mixed_terms(params: Mixed, student: Outputs, teacher: Outputs, targets: torch.Tensor) -> dict[str, torch.Tensor]:
+    """The ``ce`` and ``kd`` terms, only those with a non-zero weight."""
+    terms = {}
+    if params.ce_weight:
+        terms["ce"] = params.ce_weight * F.cross_entropy(student.logits, targets, ignore_index=-100)
+    if params.kd_weight:
+        terms["kd"] = params.kd_weight * soft_kl(student.logits, teacher.logits, params.temperature, targets)
+    return terms
