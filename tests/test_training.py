@@ -123,3 +123,14 @@ def test_a_feature_distiller_sees_taps_indices_and_epochs(plugins):
     assert {s[1] for s in seen} == {1, 2} and {s[2] for s in seen} == {2}
     assert all(s[3] == s[4] == {"act1", "act2"} and s[5] and not s[6] for s in seen)
     assert not torch.equal(before, distiller.adapter.weight)  # adapters are trained
+
+
+def test_tap_points_are_chosen_by_name_or_index_with_clear_errors():
+    from kdbench_plugins.distill.common import pick_point
+
+    points = ["act1", "act2", "pool"]
+    assert pick_point(-1, points, "student") == "pool" and pick_point("act1", points, "teacher") == "act1"
+    with pytest.raises(ValueError, match=r"index 3 is out of range: the student model has 3 points"):
+        pick_point(3, points, "student")
+    with pytest.raises(ValueError, match=r"'act9' is not a feature point of the teacher model; its points are"):
+        pick_point("act9", points, "teacher")

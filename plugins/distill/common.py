@@ -49,3 +49,18 @@ def mixed_terms(params: Mixed, student: Outputs, teacher: Outputs, targets: torc
     if params.kd_weight:
         terms["kd"] = params.kd_weight * soft_kl(student.logits, teacher.logits, params.temperature, targets)
     return terms
+
+
+def pick_point(spec: str | int, points: list[str], role: str) -> str:
+    """A tap point chosen by module path or by index into the model's feature points
+    (``-1`` = the deepest); a clear error lists the points the model has."""
+    if isinstance(spec, int):
+        if not points:
+            raise ValueError(f"the {role} model names no feature points; this method needs one")
+        if not -len(points) <= spec < len(points):
+            raise ValueError(f"{role} feature point index {spec} is out of range: the {role} model has "
+                             f"{len(points)} points {points}")
+        return points[spec]
+    if spec not in points:
+        raise ValueError(f"'{spec}' is not a feature point of the {role} model; its points are {points}")
+    return spec
