@@ -154,7 +154,7 @@ def test_temporary_registration_is_undone(plugins):
 def test_plugins_command_lists_each_plugin_with_version_and_registrations(capsys):
     assert main(["plugins", "--json"]) == 0
     table = {row["name"]: row for row in json.loads(capsys.readouterr().out)}
-    assert table["distill-response"]["registered"] == {"distiller": ["hinton"]}
+    assert "hinton" in table["distill-response"]["registered"]["distiller"]
     assert table["distill-response"]["version"] == "0.1.0"
     assert "kdbench_register_distillers" in table["distill-response"]["hooks"]
 
