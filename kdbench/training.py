@@ -110,8 +110,10 @@ def fit(model: nn.Module, data: TaskData, task: Task, training: Training, seed: 
     optimizer = make_optimizer(params, training)
     generator = torch.Generator().manual_seed(seed)
     # Shuffle indices rather than the dataset, so distillers with memory banks (CRD) see them.
+    # A trailing batch of one breaks batch norm in training mode and relation losses (no
+    # pairs); drop that single example per epoch rather than fail the cell.
     loader = DataLoader(torch.arange(len(data.train)), batch_size=training.batch_size, shuffle=True,
-                        generator=generator)
+                        generator=generator, drop_last=len(data.train) % training.batch_size == 1)
     train_x, train_y = data.train.tensors
     steps = max(len(loader), 1)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(training, s, steps))

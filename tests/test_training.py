@@ -134,3 +134,17 @@ def test_tap_points_are_chosen_by_name_or_index_with_clear_errors():
         pick_point(3, points, "student")
     with pytest.raises(ValueError, match=r"'act9' is not a feature point of the teacher model; its points are"):
         pick_point("act9", points, "teacher")
+
+
+def test_a_trailing_batch_of_one_is_dropped_not_fatal(plugins):
+    from kdbench.contracts import TaskData
+    from torch.utils.data import TensorDataset
+
+    full = plugins.build("task", "digits").load()
+    x, y = full.train.tensors
+    data = TaskData(TensorDataset(x[:65], y[:65]), full.val, full.test, full.input_shape, full.num_classes)
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(64, 16), torch.nn.BatchNorm1d(16), torch.nn.ReLU(),
+                                torch.nn.Linear(16, 10))
+    history = fit(model, data, plugins.build("task", "digits"), Training(epochs=1, batch_size=64), seed=0)
+    assert len(history) == 1  # 65 = 64 + 1: the single leftover example would crash batch norm

@@ -21,9 +21,9 @@ the image families). RKD, PKT, CC and CRD read the deepest point, as RepDistille
 default the deepest point whose output still has spatial or sequence axes, or the deepest
 point when none has (an MLP's last hidden activation).
 
-A batch of one example has no relations: RKD, SP, PKT and CC raise a ``ValueError`` then
-(choose a batch size that does not leave a last batch of one); CRD contrasts each example
-with its memory banks and accepts any batch.
+A batch of one example has no relations: RKD, SP, PKT and CC raise a ``ValueError`` for
+``batch_size: 1`` (the trainer drops a trailing batch of one, which batch norm cannot train
+on either); CRD contrasts each example with its memory banks and accepts any batch.
 """
 
 from __future__ import annotations
