@@ -67,7 +67,9 @@ def _fmt(mean: float, std: float, style: str) -> str:
         return f"{mean:,.0f}" + (f" ± {std:,.0f}" if std else "")
     if style == "ms":
         return f"{mean:.3f} ± {std:.3f}"
-    return f"{mean:.2f} ± {std:.2f}"
+    if style == "s":
+        return f"{mean:.1f} ± {std:.1f}"
+    return f"{mean:.3f} ± {std:.3f}"
 
 
 def metric_columns(summary: pd.DataFrame) -> list[str]:
