@@ -25,7 +25,7 @@ from .plugins import Plugins
 DEFAULT_EXPERIMENT = "quickstart.yaml"
 TOP_LEVEL_KEYS = ("name", "description", "seeds", "tasks", "pairs", "recipes", "training",
                   "measure", "executor")
-PAIR_KEYS = ("teacher", "student", "teacher_training")
+PAIR_KEYS = ("teacher", "student", "teacher_training", "student_training")
 STAGE_OPS = ("init", "train", "distill", "finetune", "prune", "quantize", "decompose")
 TRAINING_OPS = ("train", "distill", "finetune")
 COMPRESSOR_KIND = {"prune": "pruner", "quantize": "quantizer", "decompose": "decomposer"}
@@ -141,6 +141,7 @@ class Pair:
     teacher: Ref
     student: Ref
     teacher_training: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+    student_training: Mapping[str, Any] = dataclasses.field(default_factory=dict)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -225,7 +226,7 @@ class Cell:
 
     def config(self, plugins: Plugins) -> dict[str, Any]:
         """The full resolved config: stored with the row and hashed into the cell id."""
-        base = base_training(self.task, plugins, self.experiment.training)
+        base = self.student_training(plugins)
         refs = [self.task, self.pair.teacher, self.pair.student] + [s.ref for s in self.stages if s.ref]
         return {"kdbench": __version__, "experiment": self.experiment.name,
                 "task": self.task.spec(), "teacher": self.pair.teacher.spec(),
@@ -234,6 +235,10 @@ class Cell:
                 "teacher_key": self.teacher_job(plugins).teacher_key,
                 "measure": dataclasses.asdict(self.experiment.measure),
                 "plugins": {r.plugin: r.version for r in refs}}
+
+    def student_training(self, plugins: Plugins) -> Training:
+        """The base of the student's training stages: task budget < file < this pair."""
+        return base_training(self.task, plugins, {**self.experiment.training, **self.pair.student_training})
 
     def cell_id(self, plugins: Plugins) -> str:
         return digest(self.config(plugins))
@@ -344,6 +349,7 @@ def parse_experiment(raw: Any, plugins: Plugins, source: str = "<experiment>") -
     parse_params(Training, training, "training")  # checks keys and types now, before any work
     for i, pair in enumerate(pairs):
         parse_params(Training, {**training, **pair.teacher_training}, f"pairs[{i}].teacher_training")
+        parse_params(Training, {**training, **pair.student_training}, f"pairs[{i}].student_training")
     measure = parse_params(Measure, _mapping(raw.get("measure") or {}, "measure"), "measure")
     executor = parse_ref(plugins, "executor", raw["executor"], "executor") if raw.get("executor") else None
     return Experiment(name.strip(), tuple(seeds), tasks, pairs, recipes, training, measure,
@@ -377,7 +383,8 @@ def parse_pair(plugins: Plugins, raw: Any, where: str) -> Pair:
             raise ConfigError(f"a pair needs a '{key}'", where)
     return Pair(parse_ref(plugins, "model", raw["teacher"], f"{where}.teacher"),
                 parse_ref(plugins, "model", raw["student"], f"{where}.student"),
-                _mapping(raw.get("teacher_training") or {}, f"{where}.teacher_training"))
+                _mapping(raw.get("teacher_training") or {}, f"{where}.teacher_training"),
+                _mapping(raw.get("student_training") or {}, f"{where}.student_training"))
 
 
 def parse_recipe(plugins: Plugins, raw: Any, where: str) -> tuple[Stage, ...]:

@@ -23,7 +23,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .config import COMPRESSOR_KIND, Cell, Experiment, TeacherJob, base_training, digest
+from .config import COMPRESSOR_KIND, Cell, Experiment, TeacherJob, digest
 from .contracts import CompressionContext, DistillContext, TaskData
 from .environment import environment
 from .measure import export, measure
@@ -122,7 +122,7 @@ class CellRunner:
         else:
             family = self.plugins.get("model", cell.pair.student.name).build(cell.pair.student.params)
             model = family.build(data)
-        base = base_training(cell.task, self.plugins, cell.experiment.training)
+        base = cell.student_training(self.plugins)
 
         log: list[dict] = []
         extra_params = 0

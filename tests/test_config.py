@@ -111,3 +111,17 @@ def test_overrides_change_the_file_and_are_validated(plugins):
         load_experiment(None, plugins, ["pairs.3.student=mlp"])
     with pytest.raises(ConfigError, match="expects PATH=VALUE"):
         load_experiment(None, plugins, ["training.epochs"])
+
+
+def test_a_pair_can_train_its_teacher_and_student_differently(plugins):
+    from kdbench.config import load_experiment
+
+    exp = load_experiment(None, plugins, ["pairs.0.teacher_training={epochs: 40}",
+                                          "pairs.0.student_training={epochs: 5, optimizer: sgd, nesterov: true}"])
+    cell = exp.cells()[0]
+    assert cell.teacher_job(plugins).training.epochs == 40
+    student = cell.student_training(plugins)
+    assert (student.epochs, student.optimizer, student.nesterov, student.lr) == (5, "sgd", True, 0.001)
+    assert cell.config(plugins)["stages"][0]["training"]["epochs"] == 5
+    with pytest.raises(ConfigError, match="did you mean 'nesterov'"):
+        load_experiment(None, plugins, ["pairs.0.student_training={nestrov: true}"])
