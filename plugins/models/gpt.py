@@ -114,6 +114,17 @@ class GPTModel(nn.Module):
         return self.head(self.ln(x))
 
 
+def check_transformer_params(layers: int, width: int, heads: int, dropout: float,
+                             length: tuple[str, int]) -> None:
+    """Shared range checks of the transformer families; ``length`` is (its name, value)."""
+    if min(layers, width, heads, length[1]) < 1:
+        raise ValueError(f"layers, width, heads and {length[0]} must be positive")
+    if width % heads:
+        raise ValueError(f"width ({width}) must be divisible by heads ({heads})")
+    if not 0 <= dropout < 1:
+        raise ValueError(f"dropout must be in [0, 1), got {dropout}")
+
+
 def check_token_task(data: TaskData, family: str) -> int:
     if data.vocab_size is None or len(data.input_shape) != 1:
         raise ValueError(f"{family} needs a task with token inputs (TaskData.vocab_size set and "
@@ -136,12 +147,8 @@ class GPT(ModelFamily):
         dropout: float = 0.0
 
         def __post_init__(self):
-            if self.layers < 1 or self.width < 1 or self.heads < 1 or self.context < 1:
-                raise ValueError("layers, width, heads and context must be positive")
-            if self.width % self.heads:
-                raise ValueError(f"width ({self.width}) must be divisible by heads ({self.heads})")
-            if not 0 <= self.dropout < 1:
-                raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
+            check_transformer_params(self.layers, self.width, self.heads, self.dropout,
+                                     length=("context", self.context))
 
     def build(self, data: TaskData) -> nn.Module:
         vocab = check_token_task(data, "gpt")

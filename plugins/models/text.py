@@ -29,7 +29,8 @@ from torch import nn
 
 from kdbench import hookimpl
 from kdbench.contracts import ModelFamily, TaskData
-from kdbench_plugins.models.gpt import Block, Blocks, check_token_task, init_transformer
+from kdbench_plugins.models.gpt import (Block, Blocks, check_token_task, check_transformer_params,
+                                         init_transformer)
 
 PAD = 0
 
@@ -137,12 +138,8 @@ class TextTransformer(ModelFamily):
         dropout: float = 0.1
 
         def __post_init__(self):
-            if self.layers < 1 or self.width < 1 or self.heads < 1 or self.max_len < 1:
-                raise ValueError("layers, width, heads and max_len must be positive")
-            if self.width % self.heads:
-                raise ValueError(f"width ({self.width}) must be divisible by heads ({self.heads})")
-            if not 0 <= self.dropout < 1:
-                raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
+            check_transformer_params(self.layers, self.width, self.heads, self.dropout,
+                                     length=("max_len", self.max_len))
 
     def build(self, data: TaskData) -> nn.Module:
         vocab = check_token_task(data, "text-transformer")
