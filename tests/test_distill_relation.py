@@ -288,6 +288,22 @@ def test_crd_matches_hand_computed_nce_and_updates_its_memory(plugins):
     assert head.z.tolist() == pytest.approx(z, rel=1e-12)
 
 
+def test_crd_bank_scores_by_matmul_equal_the_gathered_rows():
+    from kdbench_plugins.distill.relation import bank_scores
+
+    gen = torch.Generator().manual_seed(0)
+    v = torch.randn(5, 8, dtype=torch.float64, generator=gen, requires_grad=True)
+    for n, k in ((40, 30), (400, 3)):  # a bank near the sample's size (matmul), a much larger one (gather)
+        memory = torch.randn(n, 8, dtype=torch.float64, generator=gen)
+        contrast = torch.randint(0, n, (5, 1 + k), generator=gen)
+        want = torch.einsum("bkd,bd->bk", memory[contrast], v)
+        got = bank_scores(memory, v, contrast)
+        assert torch.allclose(got, want, rtol=1e-12)
+        (grad,) = torch.autograd.grad((got * torch.arange(1 + k)).sum(), v)
+        (grad_want,) = torch.autograd.grad((want * torch.arange(1 + k)).sum(), v)
+        assert torch.allclose(grad, grad_want, rtol=1e-12)
+
+
 def test_crd_negatives_exclude_the_positive_are_seeded_and_capped(plugins):
     context = tiny_models(n=50, classes=5)
     torch.manual_seed(3)

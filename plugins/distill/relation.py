@@ -402,6 +402,21 @@ class ContrastHead(nn.Module):
         return F.normalize(self.embed_s(s), p=2, dim=1), F.normalize(self.embed_t(t), p=2, dim=1)
 
 
+def bank_scores(memory: torch.Tensor, v: torch.Tensor, contrast: torch.Tensor) -> torch.Tensor:
+    """``memory[contrast[b, j]] . v[b]`` for every anchor b and column j, shape ``(B, 1 + K)``.
+
+    The reference gathers a ``(B, 1 + K, feat_dim)`` block of bank rows and multiplies it by
+    the anchors. On a CPU that gather (about 0.5 GB a batch at K = 16384) costs far more than
+    scoring each anchor against the whole bank with one matmul and picking the sampled columns,
+    which gives the same numbers; so the matmul is used whenever the bank is not much larger
+    than the sample (``n <= 8 (1 + K)``, always true at K = 16384 on CIFAR's 50,000 examples).
+    """
+    if memory.shape[0] <= 8 * contrast.shape[1]:
+        # A copy, since the bank is updated in place before the backward pass needs it.
+        return torch.gather(v @ memory.clone().T, 1, contrast)
+    return torch.bmm(memory[contrast], v.unsqueeze(2)).squeeze(2)
+
+
 def nce_loss(log_p: torch.Tensor, noise: float) -> torch.Tensor:
     """NCE loss of scores ``log P(i | v)``, column 0 the positive, columns 1.. the K negatives.
 
@@ -540,8 +555,8 @@ class CRD(RelationDistiller):
         v_s, v_t = head.embed(s, t)
         contrast = torch.cat([idx.unsqueeze(1), neg], 1)  # column 0: the positive
         # Bank entries are targets, not paths for gradients (they are running averages).
-        scores_s = torch.bmm(head.memory_t[contrast], v_s.unsqueeze(2)).squeeze(2) / p.nce_t
-        scores_t = torch.bmm(head.memory_s[contrast], v_t.unsqueeze(2)).squeeze(2) / p.nce_t
+        scores_s = bank_scores(head.memory_t, v_s, contrast) / p.nce_t
+        scores_t = bank_scores(head.memory_s, v_t, contrast) / p.nce_t
         with torch.no_grad():
             for i, scores in enumerate((scores_s, scores_t)):
                 if head.z[i] < 0:  # the reference fixes Z from the first batch
