@@ -345,6 +345,22 @@ def test_attention_kl_matches_minilm_per_head_kl_by_hand():
     assert same.item() == pytest.approx(0.0, abs=1e-6)
 
 
+def test_attention_kl_with_head_mean_serves_different_head_counts():
+    from kdbench_plugins.distill.feature import AttentionKL
+
+    context = toy_context(s_heads=2, t_heads=4, t_width=16)
+    distiller = AttentionKL(AttentionKL.Params(ce_weight=0, heads="mean"))
+    distiller.setup(context)
+    student, teacher = fixed_features(distiller, context, transform=lambda f: f.softmax(-1))
+    a_s = student.features["blocks.1.probs"].double().mean(1)  # (B, T, T): head-averaged
+    a_t = teacher.features["blocks.3.probs"].double().mean(1)
+    b, t, _ = a_s.shape
+    total = sum(float(a_t[i, q, k] * (a_t[i, q, k].log() - a_s[i, q, k].log()))
+                for i in range(b) for q in range(t) for k in range(t))
+    terms = distiller.loss(student, teacher, torch.zeros(b * t, dtype=torch.long))
+    assert terms["attention-kl"].item() == pytest.approx(total / (b * t), rel=1e-5)
+
+
 # ---------------------------------------------------------------- gradients and numerical safety
 def gradient_context(plugins, name):
     if name in ("hidden-mse", "hidden-cosine"):
@@ -472,7 +488,7 @@ def test_clear_errors_for_pairs_a_method_cannot_serve(plugins):
         plugins.build("distiller", "attention-kl").setup(mlp)
     with pytest.raises(ValueError, match="needs convolutional feature maps"):
         plugins.build("distiller", "at").setup(toy_context())  # token sequences are not maps
-    with pytest.raises(ValueError, match="head counts must match"):
+    with pytest.raises(ValueError, match="head counts must match.*heads: mean"):
         plugins.build("distiller", "attention-kl").setup(toy_context(s_heads=2, t_heads=4, t_width=16))
     cnn = cnn_context(plugins)
     with pytest.raises(ValueError, match="include a conv map"):

@@ -681,8 +681,11 @@ class AttentionKL(FeatureDistiller):
     query position, ``KL(A_t || A_s)`` between the teacher's and the student's attention
     distributions over the keys, averaged over heads, queries and examples; by default only
     the last layers (the paper's choice), or the listed pairs summed. Per-head transfer needs
-    the same number of heads and the same sequence length in both models. MiniLM's value-
-    relation term is not part of this method. Queries whose target is -100 are left out.
+    the same number of heads and the same sequence length in both models; ``heads: mean``
+    serves models with different head counts by comparing each model's head-averaged
+    attention (a mixture of distributions, so still one per query), an extension that gives up
+    MiniLM's head-to-head correspondence. MiniLM's value-relation term is not part of this
+    method. Queries whose target is -100 are left out.
 
     MiniLM distills with the attention terms alone, task-agnostically, and fine-tunes on
     labels afterwards; the defaults keep the task's cross-entropy (weight 1) beside the
@@ -702,9 +705,12 @@ class AttentionKL(FeatureDistiller):
         # Attention points by path or index into the model's attention points (-1 = last).
         student_layers: tuple[str | int, ...] = (-1,)
         teacher_layers: tuple[str | int, ...] = (-1,)
+        heads: Literal["per-head", "mean"] = "per-head"
 
         def __post_init__(self):
             super().__post_init__()
+            if self.heads not in ("per-head", "mean"):
+                raise ValueError(f"heads must be 'per-head' or 'mean', got {self.heads!r}")
             if not self.student_layers or len(self.student_layers) != len(self.teacher_layers):
                 raise ValueError(f"student_layers {list(self.student_layers)} and teacher_layers "
                                  f"{list(self.teacher_layers)} must be non-empty and pair one to one")
@@ -737,11 +743,11 @@ class AttentionKL(FeatureDistiller):
             if len(s_shape) != 4 or len(t_shape) != 4:
                 raise ValueError(f"attention-kl: attention maps must be (B, heads, T, T); got "
                                  f"student '{s}' {s_shape}, teacher '{t}' {t_shape}")
-            if s_shape[1] != t_shape[1]:
+            if s_shape[1] != t_shape[1] and self.params.heads == "per-head":
                 raise ValueError(f"attention-kl transfers attention per head, so the head counts "
                                  f"must match: the student has {s_shape[1]} heads at '{s}', the "
                                  f"teacher {t_shape[1]} at '{t}'; build the student with "
-                                 f"heads={t_shape[1]}")
+                                 f"heads={t_shape[1]}, or compare head-averaged maps with heads: mean")
             if s_shape[2:] != t_shape[2:]:
                 raise ValueError(f"attention-kl: sequence lengths differ: student '{s}' {s_shape}, "
                                  f"teacher '{t}' {t_shape}")
@@ -752,6 +758,8 @@ class AttentionKL(FeatureDistiller):
     def feature_loss(self, student, teacher, targets):
         total = 0.0
         for a_s, a_t, _ in self.tapped(student, teacher):
+            if self.params.heads == "mean":
+                a_s, a_t = a_s.mean(1, keepdim=True), a_t.mean(1, keepdim=True)
             # Masked keys have probability 0 in both: xlogy gives 0 there, and the clamp keeps
             # log(0) out of the student's term (whose weight a_t is then 0 too).
             tiny = torch.finfo(a_s.dtype).tiny
