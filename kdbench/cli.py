@@ -20,7 +20,7 @@ DEFAULT_STORE = "kdbench-results.db"
 
 def cmd_run(args) -> int:
     from .config import load_experiment
-    from .leaderboard import frame, summarize, to_markdown
+    from .leaderboard import frame, latest_configs, summarize, to_markdown
     from .plugins import get_plugins
     from .runner import run_experiment
     from .store import Store
@@ -40,7 +40,7 @@ def cmd_run(args) -> int:
     with Store(args.store) as store:
         summary = run_experiment(experiment, store, plugins, cache_dir, args.executor,
                                  progress=None if args.quiet else sys.stderr, device=args.device)
-        records = store.records(experiment.name)
+        records, _ = latest_configs(store.records(experiment.name))
     print(to_markdown(summarize(frame(records)), records))
     print(f"{summary.total} cells: {summary.done} run now, {summary.skipped} already done, "
           f"{len(summary.failed)} failed. Results in {args.store}.", file=sys.stderr)
@@ -112,7 +112,7 @@ def cmd_list(args) -> int:
 
 
 def cmd_leaderboard(args) -> int:
-    from .leaderboard import frame, summarize, to_csv, to_markdown
+    from .leaderboard import frame, latest_configs, summarize, to_csv, to_markdown
     from .store import Store
 
     if not Path(args.store).exists():
@@ -121,7 +121,9 @@ def cmd_leaderboard(args) -> int:
     with Store(args.store) as store:
         if args.experiment and args.experiment not in store.experiments():
             raise KdbenchError(unknown("experiment", args.experiment, store.experiments()))
-        records = store.records(args.experiment)
+        records, notes = latest_configs(store.records(args.experiment))
+    for note in notes:
+        print(f"note: {note}", file=sys.stderr)
     summary = summarize(frame(records))
     text = to_csv(summary) if args.format == "csv" else to_markdown(summary, records)
     if args.output:

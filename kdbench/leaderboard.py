@@ -3,6 +3,8 @@ over seeds of every measured figure, the teacher's own row first."""
 
 from __future__ import annotations
 
+import json
+
 import math
 from collections.abc import Sequence
 
@@ -24,6 +26,32 @@ FIGURES: list[tuple[str, str, str]] = [
     ("latency_b256_ms", "b256 ms", "ms"),
     ("train_seconds", "train s", "s"),
 ]
+
+
+def latest_configs(records: Sequence[Record]) -> tuple[list[Record], list[str]]:
+    """Per leaderboard row (experiment, task, pair, recipe), the records of the configuration
+    that finished last, and a note for each row whose older results were left out.
+
+    A store keeps every cell it ever ran; after an experiment file changes (a longer budget,
+    another temperature) the same row name has results of two configurations, and averaging
+    them would report a number that no configuration produced.
+    """
+    def variant(r: Record) -> str:
+        return json.dumps({k: v for k, v in r.config.items() if k != "seed"}, sort_keys=True, default=str)
+
+    groups: dict[tuple, list[Record]] = {}
+    for r in records:
+        groups.setdefault(tuple(getattr(r, k) for k in GROUP + ["role"]), []).append(r)
+    kept, notes = [], []
+    for key, members in groups.items():
+        newest = max(members, key=lambda r: r.finished_at)
+        current = [r for r in members if variant(r) == variant(newest)]
+        kept += current
+        if len(current) < len(members):
+            notes.append(f"{key[0]} | {key[1]} | {key[2]} -> {key[3]} | {key[4]}: left out "
+                         f"{len(members) - len(current)} result(s) of an earlier configuration")
+    order = {id(r): i for i, r in enumerate(records)}
+    return sorted(kept, key=lambda r: order[id(r)]), notes
 
 
 def frame(records: Sequence[Record]) -> pd.DataFrame:
