@@ -41,9 +41,14 @@ def _is_quantized_module(module: nn.Module) -> bool:
 
 
 def weight_tensors(model: nn.Module) -> Iterator[torch.Tensor]:
-    """Every learned tensor, including the packed int8 weights that ``parameters()`` hides."""
+    """Every learned tensor, including packed weights that ``parameters()`` hides: the int8
+    weights of ``torch.ao`` quantized modules, and those of any module that stores its weights
+    in buffers and says so by defining ``unpacked_weights()`` (their float values)."""
     yield from model.parameters()
     for module in model.modules():
+        unpacked = getattr(module, "unpacked_weights", None)
+        if callable(unpacked):
+            yield from unpacked()
         weight = getattr(module, "weight", None)
         if _is_quantized_module(module) and isinstance(weight, types.MethodType):
             yield module.weight()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from torch import nn
 
 from kdbench.config import Measure
 from kdbench.contracts import CompressionContext
@@ -60,3 +61,19 @@ def test_measure_reports_every_figure(setup):
     assert 0 <= figures["test_accuracy"] <= 1
     assert figures["weight_bytes"] == 2410 * 4
     assert figures["size_bytes"] > figures["weight_bytes"]  # the file format's own overhead
+
+
+def test_modules_with_packed_buffers_are_counted_through_unpacked_weights():
+    class Packed(nn.Module):
+        """4 weights stored as bytes (2 per byte), one of them zero."""
+
+        def __init__(self):
+            super().__init__()
+            self.register_buffer("packed", torch.tensor([0x21, 0x03], dtype=torch.uint8))
+            self.bias = nn.Parameter(torch.ones(2))
+
+        def unpacked_weights(self):
+            low, high = self.packed & 0xF, self.packed >> 4
+            return [torch.stack([low, high], 1).flatten().float()]
+
+    assert count_parameters(nn.Sequential(Packed())) == (6, 5)

@@ -1,0 +1,79 @@
+"""Input statistics of Linear layers over calibration batches.
+
+Activation-aware compressors (Wanda, ASVD, GPTQ) weigh each weight by what flows into it.
+They all need the same pass: run the calibration inputs through the model once and, for
+each chosen Linear layer, accumulate over every input row (every token of a sequence) the
+Gram matrix ``X^T X`` and the sum of ``|X|`` per input feature. Sums are kept in float64 so
+that thousands of rows do not lose precision.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+from torch import nn
+
+
+@dataclasses.dataclass
+class InputStats:
+    """What went into one Linear layer: ``gram = X^T X`` (in x in), ``abs_sum = sum |X|`` per
+    input feature, and ``rows``, the number of input rows (examples x positions)."""
+
+    gram: torch.Tensor
+    abs_sum: torch.Tensor
+    rows: int = 0
+
+    @property
+    def sq_norm(self) -> torch.Tensor:
+        """``||X_j||_2^2`` per input feature j (the Gram matrix's diagonal)."""
+        return self.gram.diagonal()
+
+    @property
+    def hessian(self) -> torch.Tensor:
+        """GPTQ's layer-wise Hessian of the squared reconstruction error, ``2 X^T X / rows``."""
+        return 2 * self.gram / max(self.rows, 1)
+
+
+def linear_layers(model: nn.Module, skip: tuple[str, ...] = ()) -> dict[str, nn.Linear]:
+    """Every ``nn.Linear`` by module path, minus ``skip``; a clear error names unknown skips."""
+    layers = {name: m for name, m in model.named_modules() if isinstance(m, nn.Linear)}
+    unknown = set(skip) - set(layers)
+    if unknown:
+        raise ValueError(f"skip names {sorted(unknown)} that are not Linear layers; the Linear "
+                         f"layers are {sorted(layers)}")
+    return {name: m for name, m in layers.items() if name not in skip}
+
+
+@torch.no_grad()
+def input_stats(model: nn.Module, layers: dict[str, nn.Linear], calibration: torch.Tensor,
+                batch_size: int = 256) -> dict[str, InputStats]:
+    """One pass of ``calibration`` through ``model`` (eval mode, restored after); the input
+    statistics of each layer in ``layers``."""
+    if len(calibration) == 0:
+        raise ValueError("activation-aware compression needs calibration inputs; got none "
+                         "(raise measure.calibration_size)")
+    stats = {name: InputStats(torch.zeros(m.in_features, m.in_features, dtype=torch.float64),
+                              torch.zeros(m.in_features, dtype=torch.float64))
+             for name, m in layers.items()}
+
+    def hook(name):
+        def record(_module, inputs):
+            x = inputs[0].detach().reshape(-1, inputs[0].shape[-1]).to(torch.float64)
+            s = stats[name]
+            s.gram += x.T @ x
+            s.abs_sum += x.abs().sum(0)
+            s.rows += x.shape[0]
+        return record
+
+    handles = [m.register_forward_pre_hook(hook(name)) for name, m in layers.items()]
+    was_training = model.training
+    model.eval()
+    try:
+        for start in range(0, len(calibration), batch_size):
+            model(calibration[start:start + batch_size])
+    finally:
+        for h in handles:
+            h.remove()
+        model.train(was_training)
+    return stats
