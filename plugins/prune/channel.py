@@ -150,7 +150,7 @@ class Channel(Pruner):
     @staticmethod
     def _taylor_gradients(model: nn.Module, calibration: torch.Tensor, context: CompressionContext) -> None:
         """Gradients of the cross-entropy on the calibration batch (Molchanov et al. 2019)."""
-        targets = context.calibration_targets
+        targets = getattr(context, "calibration_targets", None)  # absent from older contexts
         if targets is None:
             # Contexts built by hand: the calibration inputs must be the first training examples.
             n = len(calibration)
