@@ -1,12 +1,20 @@
-"""Quantizer ``dynamic-int8``: post-training dynamic int8 quantization of Linear layers.
+"""Quantizers ``dynamic-int8`` and ``static-int8``: post-training int8 quantization.
 
-Weights are stored as int8 with a per-tensor scale; activations are quantized on the fly at
-run time, so the matrix products run as int8 kernels (fbgemm / x86 / qnnpack engines).
-This module is the one place that uses the deprecated ``torch.ao.quantization`` eager API.
+``dynamic-int8``: Linear weights are stored as int8 with a per-tensor scale; activations are
+quantized on the fly at run time, so the matrix products run as int8 kernels (fbgemm / x86 /
+qnnpack engines).
+
+``static-int8``: weights (per output channel) and activations int8, the activation ranges
+fixed beforehand from calibration batches; Conv/BN/ReLU and Linear/ReLU are fused and run as
+int8 kernels end to end (FX graph mode).
+
+This module is the one place that uses the deprecated ``torch.ao.quantization`` API.
 """
 
 from __future__ import annotations
 
+import collections
+import dataclasses
 import warnings
 
 import torch
@@ -36,6 +44,97 @@ class DynamicInt8(Quantizer):
         return getattr(self, "_report", {})
 
 
+def _is_int8_module(module: nn.Module) -> bool:
+    """A module that runs int8 kernels (not the float "reference" modules nor packed params)."""
+    path = type(module).__module__
+    return (path.startswith(("torch.ao.nn.quantized", "torch.ao.nn.intrinsic.quantized"))
+            and ".reference" not in path and ".dynamic" not in path
+            and type(module).__name__ != "LinearPackedParams")
+
+
+class StaticInt8(Quantizer):
+    """Post-training static quantization (Jacob et al., "Quantization and Training of Neural
+    Networks for Efficient Integer-Arithmetic-Only Inference", CVPR 2018; Krishnamoorthi,
+    "Quantizing deep convolutional networks for efficient inference: A whitepaper", 2018).
+
+    The model is traced with torch.fx, Conv+BN(+ReLU) and Linear(+ReLU) are fused, observers
+    record activation ranges (histogram observers) over the calibration batches, and every
+    supported op is converted to an int8 kernel with per-output-channel int8 weights and
+    per-tensor uint8 activations, using the default qconfig of the active quantized engine
+    (``torch.backends.quantized.engine``; x86/fbgemm give per-channel weights). Parameter-free
+    custom modules (reshapes such as the cnn's ``View``) run in float, with a quantize step
+    after them. Models that torch.fx cannot trace (data-dependent control flow, token inputs
+    with explicit attention) are refused.
+    """
+
+    name = "static-int8"
+    description = ("int8 weights (per channel) and int8 activations calibrated on training inputs; "
+                   "fused conv/linear int8 kernels (FX graph mode)")
+    materialized = True
+    trainable_after = False
+
+    @dataclasses.dataclass(frozen=True)
+    class Params:
+        batch_size: int = 64  # calibration inputs per forward pass
+
+        def __post_init__(self):
+            if self.batch_size < 1:
+                raise ValueError(f"static-int8: batch_size must be >= 1, got {self.batch_size}")
+
+    def apply(self, model: nn.Module, context: CompressionContext) -> nn.Module:
+        from torch.ao.quantization import get_default_qconfig_mapping
+        from torch.ao.quantization.fx.custom_config import PrepareCustomConfig
+        from torch.ao.quantization.quantize_fx import convert_fx, prepare_fx
+
+        calibration = context.calibration
+        if len(calibration) == 0:
+            raise ValueError("static-int8 needs calibration inputs to fix activation ranges; got none "
+                             "(raise measure.calibration_size)")
+        if not calibration.is_floating_point():
+            raise ValueError(f"static-int8 quantizes activations of real-valued inputs; this "
+                             f"{type(model).__name__} takes integer token ids (embeddings and, for "
+                             f"transformers, explicit attention that int8 kernels do not cover): use "
+                             f"dynamic-int8 or weight-only")
+        engine = torch.backends.quantized.engine
+        model = model.cpu().eval()  # int8 kernels run on the CPU; eval mode folds batch norm
+        leaves = sorted({type(m) for m in model.modules()
+                         if not type(m).__module__.startswith("torch.")
+                         and next(m.parameters(), None) is None and next(m.buffers(), None) is None},
+                        key=lambda c: c.__qualname__)
+        custom = PrepareCustomConfig().set_non_traceable_module_classes(leaves)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # the API's deprecation notices
+            try:
+                prepared = prepare_fx(model, get_default_qconfig_mapping(engine),
+                                      example_inputs=(calibration[:1],), prepare_custom_config=custom)
+            except Exception as err:  # torch.fx raises TraceError, TypeError, RuntimeError ...
+                raise ValueError(f"static-int8 could not trace {type(model).__name__} with torch.fx "
+                                 f"({type(err).__name__}: {str(err).splitlines()[0][:200]}); static "
+                                 f"quantization needs a traceable graph without data-dependent "
+                                 f"control flow: use dynamic-int8 or weight-only") from None
+            with torch.no_grad():
+                for start in range(0, len(calibration), self.params.batch_size):
+                    prepared(calibration[start:start + self.params.batch_size])
+            quantized = convert_fx(prepared)
+        int8 = collections.Counter(type(m).__name__ for m in quantized.modules() if _is_int8_module(m))
+        if not int8:
+            raise ValueError(f"static-int8 found nothing to quantize in {type(model).__name__} "
+                             f"(no Conv or Linear layer reached an int8 kernel)")
+        float_layers = [name for name, m in quantized.named_modules()
+                        if isinstance(m, (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)) and not _is_int8_module(m)]
+        qschemes = {str(m.weight().qscheme()).removeprefix("torch.") for m in quantized.modules()
+                    if _is_int8_module(m) and callable(getattr(m, "weight", None))}
+        self._report = {"engine": engine, "int8_modules": dict(sorted(int8.items())),
+                        "quantized_layers": sum(int8.values()), "float_layers": float_layers,
+                        "weight_qscheme": sorted(qschemes), "calibration_size": len(calibration),
+                        "float_leaf_modules": [c.__name__ for c in leaves]}
+        return quantized
+
+    def report(self):
+        return getattr(self, "_report", {})
+
+
 @hookimpl
 def kdbench_register_quantizers(register):
     register(DynamicInt8)
+    register(StaticInt8)
