@@ -53,8 +53,9 @@ def input_stats(model: nn.Module, layers: dict[str, nn.Linear], calibration: tor
     if len(calibration) == 0:
         raise ValueError("activation-aware compression needs calibration inputs; got none "
                          "(raise measure.calibration_size)")
-    stats = {name: InputStats(torch.zeros(m.in_features, m.in_features, dtype=torch.float64),
-                              torch.zeros(m.in_features, dtype=torch.float64))
+    # On the layer's device: the inputs the hooks see are there.
+    stats = {name: InputStats(torch.zeros(m.in_features, m.in_features, dtype=torch.float64, device=m.weight.device),
+                              torch.zeros(m.in_features, dtype=torch.float64, device=m.weight.device))
              for name, m in layers.items()}
 
     def hook(name):
@@ -70,8 +71,9 @@ def input_stats(model: nn.Module, layers: dict[str, nn.Linear], calibration: tor
     was_training = model.training
     model.eval()
     try:
+        device = next(model.parameters()).device
         for start in range(0, len(calibration), batch_size):
-            model(calibration[start:start + batch_size])
+            model(calibration[start:start + batch_size].to(device))
     finally:
         for h in handles:
             h.remove()

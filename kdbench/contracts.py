@@ -173,12 +173,23 @@ class Distiller(Component):
 # ---------------------------------------------------------------- compressors
 @dataclasses.dataclass
 class CompressionContext:
-    """What a compressor may use: calibration inputs, the task data, the teacher, the seed."""
+    """What a compressor may use: calibration inputs, the task data, the teacher, the seed.
+
+    ``calibration`` is a seeded sample of the training inputs (``measure.calibration_size``
+    of them), ``calibration_targets`` their targets (for importance scores that need a loss).
+    ``finetune(model, epochs, distill=None)`` trains ``model`` in place for ``epochs`` with the
+    cell's training settings, with a distiller (a name or ``{name: ..., <params>}``, as in
+    an experiment file) when given, and returns the per-epoch history; compressors that
+    interleave compression with training (gradual pruning, quantization-aware training) call
+    it. It is None outside a run (tests build contexts by hand).
+    """
 
     data: TaskData
     calibration: torch.Tensor
     teacher: nn.Module | None
     seed: int
+    calibration_targets: torch.Tensor | None = None
+    finetune: Callable[..., list[dict]] | None = None
 
 
 class Compressor(Component):

@@ -23,7 +23,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .config import COMPRESSOR_KIND, Cell, Experiment, TeacherJob, digest
+from .config import COMPRESSOR_KIND, Cell, Experiment, TeacherJob, digest, parse_ref
 from .contracts import CompressionContext, DistillContext, TaskData
 from .environment import environment
 from .measure import export, measure
@@ -126,34 +126,54 @@ class CellRunner:
 
         log: list[dict] = []
         extra_params = 0
+
+        def train(model: nn.Module, training, ref) -> list[dict]:
+            """Train in place, with the distiller of ``ref`` if given; adapters are counted."""
+            nonlocal extra_params
+            distiller, extra = None, []
+            # Tap points are read per call: a compressor may have replaced modules.
+            student = Tapped(model, family.feature_points(model), family.attention_points(model))
+            if ref is not None:
+                distiller = self.plugins.get("distiller", ref.name).build(ref.params)
+                extra = distiller.setup(DistillContext(
+                    model, teacher.model, data, student.feature_points, teacher.feature_points,
+                    student.attention_points, teacher.attention_points, training.epochs))
+                extra_params += sum(p.numel() for m in extra for p in m.parameters())
+            return fit(model, data, task, training, cell.seed, distiller=distiller, teacher=teacher,
+                       student=student, extra_modules=extra, device=self.device)
+
+        calibration_size = cell.experiment.measure.calibration_size
+        # A seeded sample of the training split, the same for every recipe of a seed.
+        order = torch.randperm(len(data.train), generator=torch.Generator().manual_seed(cell.seed))
+        calibration = order[:calibration_size]
         for stage in cell.stages:
             start = time.perf_counter()
             entry: dict[str, Any] = {"op": stage.op, "name": stage.ref.name if stage.ref else None}
             if stage.op == "init":
                 entry["source"] = stage.source
             elif stage.op in ("train", "distill", "finetune"):
-                distiller = None
-                extra: list[nn.Module] = []
-                training = stage.resolve_training(base)
-                # Tap points are read per stage: a compressor may have replaced modules.
-                student = Tapped(model, family.feature_points(model), family.attention_points(model))
-                if stage.ref is not None:
-                    distiller = self.plugins.get("distiller", stage.ref.name).build(stage.ref.params)
-                    extra = distiller.setup(DistillContext(
-                        model, teacher.model, data, student.feature_points, teacher.feature_points,
-                        student.attention_points, teacher.attention_points, training.epochs))
-                    extra_params += sum(p.numel() for m in extra for p in m.parameters())
-                entry["history"] = fit(model, data, task, training, cell.seed, distiller=distiller,
-                                       teacher=teacher, student=student, extra_modules=extra,
-                                       device=self.device)
+                entry["history"] = train(model, stage.resolve_training(base), stage.ref)
             else:
                 compressor = self.plugins.get(COMPRESSOR_KIND[stage.op], stage.ref.name).build(stage.ref.params)
                 if stage.op != "prune":
                     model = export(model)  # fold earlier pruning masks into the weights first
-                context = CompressionContext(data=data, calibration=data.train.tensors[0][
-                    :cell.experiment.measure.calibration_size], teacher=teacher.model, seed=cell.seed)
+                entry["history"] = []
+
+                def finetune(m: nn.Module, epochs: int, distill: Any = None) -> list[dict]:
+                    ref = parse_ref(self.plugins, "distiller", distill, f"{stage.ref.name}.distill") if distill else None
+                    history = train(m, dataclasses.replace(base, epochs=epochs), ref)
+                    entry["history"].extend(history)
+                    return history
+
+                context = CompressionContext(
+                    data=data, calibration=data.train.tensors[0][calibration], teacher=teacher.model,
+                    seed=cell.seed, calibration_targets=data.train.tensors[1][calibration],
+                    finetune=finetune)
                 model = compressor.apply(model, context)
-                entry.update(materialized=compressor.materialized, report=compressor.report())
+                entry.update(materialized=compressor.materialized, report=compressor.report(),
+                             calibration={"split": "train", "size": len(calibration), "seed": cell.seed})
+                if not entry["history"]:
+                    del entry["history"]
             entry["seconds"] = time.perf_counter() - start
             log.append(entry)
 
