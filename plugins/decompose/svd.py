@@ -136,7 +136,10 @@ def decompose_linears(method: str, model: nn.Module, skip: tuple[str, ...],
 
 
 def linear_names(method: str, model: nn.Module, skip: tuple[str, ...]) -> list[str]:
-    names = {name for name, m in model.named_modules() if isinstance(m, nn.Linear)}
+    # nn.MultiheadAttention reads its out_proj's weight directly: that Linear cannot be swapped.
+    fixed = {f"{name}.out_proj" if name else "out_proj" for name, m in model.named_modules()
+             if isinstance(m, nn.MultiheadAttention)}
+    names = {name for name, m in model.named_modules() if isinstance(m, nn.Linear)} - fixed
     unknown = set(skip) - names
     if unknown:
         raise ValueError(f"{method} skip names {sorted(unknown)} are not Linear layers; "
