@@ -117,6 +117,7 @@ def to_markdown(summary: pd.DataFrame, records: Sequence[Record] = ()) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
     for row in summary.to_dict("records"):
         recipe = row["recipe"] + ("" if row.get("materialized", True) else " †")
+        recipe += " ‡" if row.get("sparse_tensors_mean", 0) > 0 else ""
         cells = ([row["experiment"]] if show_experiment else []) + [
             row["task"], row["teacher"], row["student"], f"**{recipe}**" if row["is_teacher"] else recipe,
             str(row["n"])]
@@ -125,10 +126,14 @@ def to_markdown(summary: pd.DataFrame, records: Sequence[Record] = ()) -> str:
         cells += [_fmt(row[f"{key}_mean"], row[f"{key}_std"], style) for key, _, style in figures]
         lines.append("| " + " | ".join(cells) + " |")
     notes = ["", "Mean ± standard deviation over n seeds; test split; latency is the median of "
-             "interleaved repeats on the CPU, batch 1 and 256."]
+             "interleaved repeats on the CPU, batch 1 and 256; FLOPs (a multiply-add is 2) from "
+             "torch.utils.flop_counter, plus int8 kernels counted from their layer shapes."]
     if not summary.get("materialized", pd.Series([True])).all():
-        notes.append("† simulated compression: the zeros are stored densely, so the file is not "
-                     "smaller and dense kernels are not faster.")
+        notes.append("† simulated compression (masks, fake quantization): dense kernels still run "
+                     "the full computation, so it is not faster.")
+    if (summary.get("sparse_tensors_mean", pd.Series([0])) > 0).any():
+        notes.append("‡ the file stores its sparse weight matrices in CSR form (int32 indices), "
+                     "where that is smaller than dense.")
     env = next((r.environment for r in records if r.ok), None)
     if env:
         notes.append(f"Measured with kdbench {env.get('kdbench')}, torch {env.get('torch')}, "

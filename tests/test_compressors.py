@@ -48,9 +48,11 @@ def test_magnitude_reaches_its_sparsity_and_zeros_survive_finetuning(plugins, di
     deployed = export(model)
     assert weight_sparsity(deployed) == pytest.approx(0.75, abs=0.01)
     assert not any(name.endswith("_orig") for name, _ in deployed.named_parameters())
-    # Simulated: the zeros are still stored, so the artifact is no smaller.
+    # Simulated for speed: dense kernels run over the zeros. At 75% the shipped file stores the
+    # weight matrices as CSR (8 bytes a non-zero against 4 a dense weight), so it is smaller.
     assert pruner.materialized is False
-    assert serialized_bytes(deployed) == pytest.approx(serialized_bytes(build(plugins, digits, [64, 32])), rel=0.01)
+    dense = serialized_bytes(build(plugins, digits, [64, 32]))
+    assert serialized_bytes(deployed) < 0.7 * dense
 
 
 def test_magnitude_keeps_smallest_weights_out(plugins, digits):

@@ -77,3 +77,22 @@ def test_modules_with_packed_buffers_are_counted_through_unpacked_weights():
             return [torch.stack([low, high], 1).flatten().float()]
 
     assert count_parameters(nn.Sequential(Packed())) == (6, 5)
+
+
+def test_sparse_matrices_ship_in_csr_form_only_when_smaller():
+    from kdbench.measure import csr_bytes, serialized_bytes, shipped_state
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(100, 50), nn.Linear(50, 10))
+    dense = serialized_bytes(model)
+    with torch.no_grad():
+        model[0].weight[:, :40] = 0  # 40% zeros: CSR (8 bytes a value) is larger than dense
+    assert shipped_state(model)[1] == 0 and serialized_bytes(model) == dense
+    with torch.no_grad():
+        model[0].weight[:, :90] = 0  # 90% zeros: 500 values
+    shipped, sparse = shipped_state(model)
+    assert sparse == 1 and csr_bytes(model[0].weight) == 500 * 8 + 51 * 4
+    entry = shipped["0.weight"]
+    assert torch.equal(entry["csr"].to_dense().reshape(entry["shape"]), model[0].weight)
+    assert entry["csr"].col_indices().dtype == torch.int32
+    assert serialized_bytes(model) < dense - (100 * 50 * 4 - csr_bytes(model[0].weight)) + 2048

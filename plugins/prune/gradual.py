@@ -12,7 +12,7 @@ smallest-magnitude weights still alive (globally or per layer) and then fine-tun
 fine-tuning), so the network recovers before the next cut. Masks persist through training.
 
 Example recipe: ``[{distill: hinton}, {prune: {name: gradual, sparsity: 0.9, steps: 5,
-epochs_per_step: 2, distill: hinton}}]``. Simulated like ``magnitude``: zeros are stored densely.
+epochs_per_step: 2, distill: hinton}}]``. Simulated like ``magnitude``: masks, so dense kernels still run over the zeros.
 """
 
 from __future__ import annotations
@@ -36,7 +36,7 @@ def cubic_schedule(initial: float, final: float, steps: int) -> list[float]:
 class Gradual(Pruner):
     name = "gradual"
     description = "automated gradual (cubic-schedule) magnitude pruning interleaved with fine-tuning, optionally distilled"
-    materialized = False  # masks: zeros stored densely
+    materialized = False  # masks: dense kernels run over the zeros
 
     @dataclasses.dataclass(frozen=True)
     class Params:

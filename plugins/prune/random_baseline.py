@@ -50,7 +50,7 @@ class RandomPruner(Pruner):
     __doc__ = __doc__
     name = "random"
     description = "unstructured random pruning of Linear and Conv weights to a target sparsity (the baseline)"
-    # Zeros are stored densely: the file is not smaller and dense kernels are not faster.
+    # Masks: dense kernels still multiply the zeros, so it is not faster.
     materialized = False
 
     @dataclasses.dataclass(frozen=True)

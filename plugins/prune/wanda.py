@@ -11,8 +11,8 @@ through the dense model (the paper's description); the reference code instead pr
 transformer blocks one after another, feeding each block the outputs of the already pruned
 ones. ``skip`` defaults to nothing, so the classifier / LM head is pruned too; the paper
 leaves the LM head dense (``skip: [head]`` for kdbench's gpt). Masks are kept through
-``torch.nn.utils.prune`` so zeros survive fine-tuning; zeros are stored densely, so the
-artifact is not smaller (``materialized = False``).
+``torch.nn.utils.prune`` so zeros survive fine-tuning; dense kernels still run over the
+zeros, so it is not faster (``materialized = False``).
 
 Example: ``[{prune: {name: wanda, sparsity: 0.5, skip: [head]}}, {finetune: {epochs: 3}}]``.
 """
