@@ -8,15 +8,22 @@ import math
 
 import pytest
 import torch
+from kdbench_plugins.quantize.packed import PackedLinear, pack, rtn, unpack
 from torch import nn
 from torch.utils.data import TensorDataset
 
 from kdbench.config import Training
 from kdbench.contracts import CompressionContext, TaskData
 from kdbench.errors import ConfigError
-from kdbench.measure import batch_of, count_parameters, export, latency, serialized_bytes, weight_bytes
+from kdbench.measure import (
+    batch_of,
+    count_parameters,
+    export,
+    latency,
+    serialized_bytes,
+    weight_bytes,
+)
 from kdbench.training import fit, predict
-from kdbench_plugins.quantize.packed import PackedLinear, pack, rtn, unpack
 
 
 # ---------------------------------------------------------------- fixtures and helpers
@@ -94,7 +101,7 @@ def test_pack_roundtrip_is_dense(bits, n):
     codes = torch.randint(0, 2 ** bits, (n,), generator=torch.Generator().manual_seed(n))
     buf = pack(codes, bits)
     assert buf.dtype == torch.uint8 and buf.numel() == math.ceil(n * bits / 8)
-    assert torch.equal(unpack(buf, bits, n), codes)
+    assert torch.equal(unpack(buf, bits, n).long(), codes)
 
 
 @pytest.mark.parametrize("bits", [3, 4, 8])
@@ -297,6 +304,23 @@ def test_gptq_on_gpt_quantizes_every_linear_sequentially(registry):
     assert logits.shape == reference.shape and torch.isfinite(logits).all()
     assert (logits - reference).abs().max() < 0.05 * reference.abs().max()
     assert quantizer.report()["calibration_rows"] == 32
+
+
+def test_gptq_without_damping_refuses_a_singular_hessian(registry):
+    w, x = correlated_layer(seed=3)
+    data = random_task((64,))
+    with pytest.raises(ValueError, match="raise percdamp"):  # 8 rows: X^T X has rank 8 < 64
+        registry.build("quantizer", "gptq", {"percdamp": 0.0}).apply(one_linear(w), context(data, x[:8]))
+
+
+def test_gptq_sequential_sees_quantized_earlier_layers(registry, digits, trained_mlp):
+    out = {}
+    for sequential in (True, False):
+        quantizer = registry.build("quantizer", "gptq", {"bits": 3, "sequential": sequential})
+        out[sequential] = quantizer.apply(copy.deepcopy(trained_mlp), context(digits))
+    # The first layer sees the raw inputs either way; the head's Hessian differs.
+    assert torch.equal(out[True].fc1.codes(), out[False].fc1.codes())
+    assert not torch.equal(out[True].head.codes(), out[False].head.codes())
 
 
 def test_gptq_fp32_inputs_mode(registry, digits, trained_mlp):

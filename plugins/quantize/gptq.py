@@ -158,7 +158,8 @@ class GPTQ(Quantizer):
         layers = linear_layers(model, p.skip)
         if not layers:
             raise ValueError("gptq quantizes Linear layers; the model has none left after skip")
-        calibration = context.calibration
+        model = model.cpu()  # input_stats accumulates on the CPU, where the calibration inputs are
+        calibration = context.calibration.cpu()
         if len(calibration) == 0:
             raise ValueError("gptq needs calibration inputs; got none (raise measure.calibration_size)")
         order = execution_order(model, layers, calibration[:1])

@@ -107,7 +107,8 @@ class StaticInt8(Quantizer):
             try:
                 prepared = prepare_fx(model, get_default_qconfig_mapping(engine),
                                       example_inputs=(calibration[:1],), prepare_custom_config=custom)
-            except Exception as err:  # torch.fx raises TraceError, TypeError, RuntimeError ...
+            except (torch.fx.proxy.TraceError, TypeError, RuntimeError, AttributeError,
+                    NotImplementedError, AssertionError, ValueError) as err:  # what tracing raises
                 raise ValueError(f"static-int8 could not trace {type(model).__name__} with torch.fx "
                                  f"({type(err).__name__}: {str(err).splitlines()[0][:200]}); static "
                                  f"quantization needs a traceable graph without data-dependent "

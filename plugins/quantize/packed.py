@@ -119,12 +119,18 @@ def pack(codes: torch.Tensor, bits: int) -> torch.Tensor:
 
 
 def unpack(packed: torch.Tensor, bits: int, n: int) -> torch.Tensor:
-    """The first ``n`` codes (int64) of a buffer written by :func:`pack`."""
+    """The first ``n`` codes of a buffer written by :func:`pack` (uint8 for 8 and 4 bits,
+    int32 otherwise)."""
+    if bits == 8:
+        return packed[:n]
+    if bits == 4:  # the common case, without the generic word arithmetic
+        return torch.stack((packed & 0x0F, packed >> 4), dim=1).reshape(-1)[:n]
     per, nbytes = _chunk(bits)
-    raw = packed.to(torch.int64)
+    raw = packed.to(torch.int32)
     raw = F.pad(raw, (0, (-raw.numel()) % nbytes)).view(-1, nbytes)
-    word = (raw << (torch.arange(nbytes, device=raw.device) * 8)).sum(dim=1)
-    shifts = torch.arange(per, device=raw.device) * bits
+    word = (raw << (torch.arange(nbytes, device=raw.device, dtype=torch.int32) * 8)).sum(dim=1,
+                                                                                       dtype=torch.int32)
+    shifts = torch.arange(per, device=raw.device, dtype=torch.int32) * bits
     codes = (word[:, None] >> shifts) & (2 ** bits - 1)
     return codes.reshape(-1)[:n]
 
@@ -185,9 +191,14 @@ class PackedLinear(nn.Module):
     def dequantized_weight(self) -> torch.Tensor:
         """The float32 weight ``scale * (q - zero)``, (out, in)."""
         size = self.in_features if self.group_size == 0 else self.group_size
-        scale = self.scales.float().repeat_interleave(size, dim=1)[:, :self.in_features]
-        zero = self.zeros().repeat_interleave(size, dim=1)[:, :self.in_features]
-        return dequantize(self.codes().float(), scale, zero)
+        codes, scale, zero = self.codes().float(), self.scales.float(), self.zeros()
+        if self.in_features % size == 0:  # whole groups: broadcast instead of repeating
+            groups = scale.shape[1]
+            return dequantize(codes.view(self.out_features, groups, size), scale[..., None],
+                              zero[..., None]).view(self.out_features, self.in_features)
+        scale = scale.repeat_interleave(size, dim=1)[:, :self.in_features]
+        zero = zero.repeat_interleave(size, dim=1)[:, :self.in_features]
+        return dequantize(codes, scale, zero)
 
     def unpacked_weights(self) -> list[torch.Tensor]:
         """For the harness's parameter count: the weight (the bias is a Parameter)."""
