@@ -135,6 +135,51 @@ def cmd_leaderboard(args) -> int:
     return 0
 
 
+def cmd_sensitivity(args) -> int:
+    from .config import Cell, load_experiment
+    from .plugins import get_plugins
+    from .runner import CellRunner
+    from .sensitivity import layer_sensitivity, plot, to_markdown
+    from .teachers import default_cache_dir
+
+    plugins = get_plugins()
+    experiment = load_experiment(args.experiment, plugins, args.set)
+    try:
+        sparsities = [float(v) for v in args.sparsities.split(",")]
+    except ValueError:
+        raise KdbenchError(f"--sparsities takes comma-separated fractions, e.g. 0.5,0.9; got {args.sparsities!r}")
+    for flag, index, items in (("--task", args.task, experiment.tasks), ("--pair", args.pair, experiment.pairs)):
+        if not 0 <= index < len(items):
+            raise KdbenchError(f"{flag} {index} is out of range: the experiment has {len(items)} "
+                               f"(0 to {len(items) - 1})")
+    if args.threads is not None:
+        import torch
+        torch.set_num_threads(args.threads)
+    seed = experiment.seeds[0] if args.seed is None else args.seed
+    pair = experiment.pairs[args.pair]
+    cell = Cell(experiment, experiment.tasks[args.task], pair, next(iter(experiment.recipes)), seed)
+    runner = CellRunner(plugins, Path(args.cache_dir) if args.cache_dir else default_cache_dir())
+    teacher = runner.teacher(cell.teacher_job(plugins))  # trained once, then from the cache
+    task = plugins.get("task", cell.task.name).build(cell.task.params)
+    try:
+        table = layer_sensitivity(teacher.model, runner.data(cell.task), task, sparsities)
+    except ValueError as exc:
+        raise KdbenchError(str(exc))
+    title = (f"Pruning sensitivity of {pair.teacher.label()} on {cell.task.label()} (seed {seed}), "
+             f"validation {task.metric}, each layer pruned alone by magnitude, no fine-tuning.\n\n")
+    text = title + to_markdown(table, task.metric)
+    if args.output:
+        out = Path(args.output)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "sensitivity.md").write_text(text)
+        table.to_csv(out / "sensitivity.csv", index=False)
+        plot(table, task.metric, out / "sensitivity.png")
+        print(f"wrote {out / 'sensitivity.md'}, sensitivity.csv and sensitivity.png", file=sys.stderr)
+    else:
+        print(text, end="")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="kdbench", description=__doc__.splitlines()[0])
     parser.add_argument("--version", action="version", version=f"kdbench {__version__}")
@@ -167,6 +212,19 @@ def build_parser() -> argparse.ArgumentParser:
     lst.add_argument("kind", nargs="?", help=f"one of: {', '.join(KINDS)}")
     lst.add_argument("--json", action="store_true")
     lst.set_defaults(func=cmd_list)
+
+    sens = sub.add_parser("sensitivity", help="per-layer pruning sensitivity of an experiment's teacher "
+                          "(validation metric vs each layer's sparsity)")
+    sens.add_argument("experiment", nargs="?", help="experiment file or embedded name (default: quickstart)")
+    sens.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a value of the file")
+    sens.add_argument("--task", type=int, default=0, help="index of the task in the file (default 0)")
+    sens.add_argument("--pair", type=int, default=0, help="index of the pair whose teacher is analysed (default 0)")
+    sens.add_argument("--seed", type=int, help="teacher seed (default: the file's first)")
+    sens.add_argument("--sparsities", default="0.3,0.5,0.7,0.8,0.9,0.95", help="comma-separated fractions")
+    sens.add_argument("--output", help="folder for sensitivity.md, .csv and .png (default: print the table)")
+    sens.add_argument("--cache-dir", help="where trained teachers are cached (default: user cache dir)")
+    sens.add_argument("--threads", type=int, help="torch CPU threads")
+    sens.set_defaults(func=cmd_sensitivity)
 
     board = sub.add_parser("leaderboard", help="mean ± std over seeds per (task, pair, recipe)")
     board.add_argument("--store", default=DEFAULT_STORE)
