@@ -71,12 +71,13 @@ def factor_weights(weight: torch.Tensor, rank: int, input_scale: torch.Tensor | 
     """
     w = weight.detach().to(torch.float64)
     if input_scale is not None:
-        w = w * input_scale.to(torch.float64)[None, :]
+        input_scale = input_scale.to(w)  # calibration statistics live on the CPU
+        w = w * input_scale[None, :]
     u, s, vh = torch.linalg.svd(w, full_matrices=False)
     root = s[:rank].sqrt()
     first = root[:, None] * vh[:rank]
     if input_scale is not None:
-        first = first / input_scale.to(torch.float64)[None, :]
+        first = first / input_scale[None, :]
     second = u[:, :rank] * root[None, :]
     return first.to(weight.dtype), second.to(weight.dtype), s
 

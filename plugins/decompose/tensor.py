@@ -3,8 +3,8 @@
 A kernel ``W`` of shape ``(out, in, kh, kw)`` is decomposed with tensorly (numpy backend, set
 only for the call) and the conv is replaced by a chain of smaller convs computing exactly the
 decomposed kernel. Only ``groups=1`` convs with a kernel larger than 1x1 are decomposed (a
-1x1 conv is a matrix: use ``svd``-style factorization; a grouped/depthwise conv is already
-thin). A layer is kept when the chain would hold as many parameters as the conv or more.
+1x1 conv is a plain channel matrix with no spatial mode to separate; a grouped/depthwise conv
+is already thin). A layer is kept when the chain would hold as many parameters as the conv or more.
 Padding modes other than zeros are carried over: padding commutes with the 1x1 convs and is
 separable per axis, so the chain stays exact.
 """
@@ -52,9 +52,9 @@ def decompose_convs(method: str, model: nn.Module, skip: tuple[str, ...], plan: 
         else:
             eligible.append(name)
     if not eligible:
+        found = f"its Conv2d layers are all left out: {kept}" if convs else "it has no Conv2d"
         raise ValueError(f"{method} decomposes Conv2d layers with a kernel larger than 1x1 and "
-                         f"groups=1; the model has none ({len(convs)} Conv2d, none eligible: "
-                         f"{kept or 'no Conv2d at all'}); for Linear layers use svd or asvd")
+                         f"groups=1; the model has none ({found}); for Linear layers use svd or asvd")
     before = count(model)
     layers: dict[str, dict] = {}
     for name in eligible:
@@ -90,8 +90,8 @@ def _conv(conv: nn.Conv2d, cin: int, cout: int, kernel, weight: torch.Tensor, *,
 
 
 def relative_error(weight: torch.Tensor, approx: torch.Tensor) -> float:
-    w = weight.detach().to(torch.float64)
-    return float(torch.linalg.vector_norm(w - approx.to(torch.float64)) / torch.linalg.vector_norm(w).clamp_min(1e-300))
+    w = weight.detach().to("cpu", torch.float64)
+    return float(torch.linalg.vector_norm(w - approx.to("cpu", torch.float64)) / torch.linalg.vector_norm(w).clamp_min(1e-300))
 
 
 # ---------------------------------------------------------------- Tucker-2
@@ -101,7 +101,7 @@ def tucker_ranks(weight: torch.Tensor, rank_ratio: float | None, energy: float |
     out, cin = weight.shape[:2]
     if energy is None:
         return max(1, round(rank_ratio * out)), max(1, round(rank_ratio * cin))
-    w = weight.detach().to(torch.float64)
+    w = weight.detach().to("cpu", torch.float64)
     s_out = torch.linalg.svdvals(w.reshape(out, -1))
     s_in = torch.linalg.svdvals(w.transpose(0, 1).reshape(cin, -1))
     return energy_rank(s_out, energy), energy_rank(s_in, energy)
@@ -242,7 +242,9 @@ class CP(Decomposer):
     Rank-R CP decomposition of each 4-way kernel, computed by alternating least squares
     (tensorly's ``parafac``; the paper used non-linear least squares), deployed as 1x1 (in -> R),
     depthwise kh x 1, depthwise 1 x kw, 1x1 (R -> out) convs, to be fine-tuned after. The rank
-    is an explicit ``rank`` or ``rank_ratio * min(in, out)``.
+    is an explicit ``rank`` or ``rank_ratio * min(in, out)``. A conv with few input channels
+    (a network's first, ``in`` = 1 or 3) then gets a rank of 1 or 2, which no fine-tuning
+    recovers from: name it in ``skip``.
     """
 
     name = "cp"
