@@ -38,7 +38,8 @@ def export(model: nn.Module) -> nn.Module:
 
 
 def _is_quantized_module(module: nn.Module) -> bool:
-    return type(module).__module__.startswith("torch.ao.nn.quantized")
+    # Fused int8 modules (LinearReLU, ConvReLU2d ...) live in torch.ao.nn.intrinsic.quantized.
+    return type(module).__module__.startswith(("torch.ao.nn.quantized", "torch.ao.nn.intrinsic.quantized"))
 
 
 def weight_tensors(model: nn.Module) -> Iterator[torch.Tensor]:
@@ -135,8 +136,16 @@ def count_flops(model: nn.Module, example: torch.Tensor) -> int:
         rows = inputs[0].numel() // module.in_features
         extra += 2 * rows * module.in_features * module.out_features
 
-    handles = [m.register_forward_hook(quantized_linear) for m in model.modules()
-               if _is_quantized_module(m) and hasattr(m, "in_features")]
+    def quantized_conv(module, _inputs, output):
+        nonlocal extra  # as for a float conv: one multiply-add per output value and kernel tap
+        extra += 2 * output.numel() * (module.in_channels // module.groups) * math.prod(module.kernel_size)
+
+    handles = []
+    for m in model.modules():
+        if _is_quantized_module(m) and hasattr(m, "in_features"):
+            handles.append(m.register_forward_hook(quantized_linear))
+        elif _is_quantized_module(m) and hasattr(m, "in_channels") and hasattr(m, "kernel_size"):
+            handles.append(m.register_forward_hook(quantized_conv))
     try:
         with torch.no_grad(), FlopCounterMode(display=False) as counter:
             model(example)

@@ -96,3 +96,21 @@ def test_sparse_matrices_ship_in_csr_form_only_when_smaller():
     assert torch.equal(entry["csr"].to_dense().reshape(entry["shape"]), model[0].weight)
     assert entry["csr"].col_indices().dtype == torch.int32
     assert serialized_bytes(model) < dense - (100 * 50 * 4 - csr_bytes(model[0].weight)) + 2048
+
+
+def test_static_int8_models_keep_their_flops_and_parameters_counted():
+    from torch.utils.data import TensorDataset
+
+    from kdbench.contracts import TaskData
+    from kdbench.plugins import get_plugins
+
+    plugins = get_plugins()
+    torch.manual_seed(0)
+    x, y = torch.randn(32, 1, 28, 28), torch.randint(0, 10, (32,))
+    data = TaskData(*[TensorDataset(x, y)] * 3, (1, 28, 28), 10)
+    model = plugins.build("model", "cnn", {"channels": [8, 16], "hidden": 32}).build(data).eval()
+    int8 = plugins.build("quantizer", "static-int8").apply(export(model), CompressionContext(data, x, None, 0))
+    # Fused int8 conv+relu and linear+relu kernels do the same multiply-adds as the float layers.
+    assert count_flops(int8, x[:1]) == count_flops(model, x[:1])
+    batch_norm = sum(p.numel() for m in model.modules() if isinstance(m, nn.BatchNorm2d) for p in m.parameters())
+    assert count_parameters(int8)[0] == count_parameters(model)[0] - batch_norm  # folded into the convs
