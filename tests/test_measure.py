@@ -112,5 +112,7 @@ def test_static_int8_models_keep_their_flops_and_parameters_counted():
     int8 = plugins.build("quantizer", "static-int8").apply(export(model), CompressionContext(data, x, None, 0))
     # Fused int8 conv+relu and linear+relu kernels do the same multiply-adds as the float layers.
     assert count_flops(int8, x[:1]) == count_flops(model, x[:1])
-    batch_norm = sum(p.numel() for m in model.modules() if isinstance(m, nn.BatchNorm2d) for p in m.parameters())
-    assert count_parameters(int8)[0] == count_parameters(model)[0] - batch_norm  # folded into the convs
+    # Batch norm folds into the convs: its scale and shift go, the bias-free convs gain a bias.
+    bn = [m for m in model.modules() if isinstance(m, nn.BatchNorm2d)]
+    folded = sum(2 * m.num_features for m in bn) - sum(m.num_features for m in bn)
+    assert count_parameters(int8)[0] == count_parameters(model)[0] - folded
