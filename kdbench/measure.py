@@ -80,9 +80,10 @@ def csr_bytes(tensor: torch.Tensor) -> int:
 def shipped_state(model: nn.Module) -> tuple[dict, int]:
     """The state dict as it would be shipped, and how many tensors in it are sparse.
 
-    A float weight matrix (or conv kernel) whose CSR form (int32 indices) is smaller than its
-    dense form is stored as CSR, with its shape beside it; everything else stays dense. Below
-    about 50% sparsity (fp32) CSR is the larger of the two and nothing changes.
+    A float weight matrix (or conv kernel) whose CSR form (int32 indices) saves to fewer bytes
+    than its dense form, container overhead included, is stored as CSR with its shape beside
+    it; everything else stays dense. Below about 50% sparsity (fp32) CSR is the larger of the
+    two and nothing changes.
     """
     shipped, sparse = {}, 0
     for key, value in model.state_dict().items():
@@ -91,12 +92,14 @@ def shipped_state(model: nn.Module) -> tuple[dict, int]:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")  # "sparse CSR support is in beta"
                 matrix = value.detach().cpu().reshape(value.shape[0], -1).to_sparse_csr()
-                csr = torch.sparse_csr_tensor(matrix.crow_indices().int(), matrix.col_indices().int(),
-                                              matrix.values(), matrix.shape)
-            shipped[key] = {"shape": tuple(value.shape), "csr": csr}
-            sparse += 1
-        else:
-            shipped[key] = value
+                csr = {"shape": tuple(value.shape),
+                       "csr": torch.sparse_csr_tensor(matrix.crow_indices().int(), matrix.col_indices().int(),
+                                                      matrix.values(), matrix.shape)}
+                if saved_bytes(csr) < saved_bytes(value.detach().cpu().clone()):
+                    shipped[key] = csr
+                    sparse += 1
+                    continue
+        shipped[key] = value
     return shipped, sparse
 
 
