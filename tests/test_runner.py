@@ -144,23 +144,26 @@ def test_cli_exit_codes_and_leaderboard_formats(tiny_yaml, tmp_path, capsys):
 
 def test_a_changed_experiment_reports_only_its_latest_configuration(tiny_yaml, tmp_path, capsys):
     db = str(tmp_path / "r.db")
-    assert main(["run", str(tiny_yaml()), "--store", db, "--quiet"]) == 0
+    two_seeds = TINY.replace("seeds: [0]", "seeds: [0, 1]").replace(
+        "  kd+int8: [{distill: hinton}, {quantize: dynamic-int8}]\n", "")
+    assert main(["run", str(tiny_yaml(two_seeds)), "--store", db, "--quiet"]) == 0
+    assert "| scratch | 2 |" in capsys.readouterr().out  # seeds of one configuration are one row
     # The same recipe names with a longer student budget: the earlier results stay in the
     # store, but a row never averages two configurations.
-    longer = TINY.replace("student: {name: mlp, hidden: [16]}",
-                          "student: {name: mlp, hidden: [16]}\n    student_training: {epochs: 4}")
+    longer = two_seeds.replace("student: {name: mlp, hidden: [16]}",
+                               "student: {name: mlp, hidden: [16]}\n    student_training: {epochs: 4}")
     assert main(["run", str(tiny_yaml(longer)), "--store", db, "--quiet"]) == 0
-    assert "| scratch | 1 |" in capsys.readouterr().out
+    assert "| scratch | 2 |" in capsys.readouterr().out
     with Store(db) as store:
-        assert len([r for r in store.records("tiny") if r.recipe == "scratch"]) == 2
+        assert len([r for r in store.records("tiny") if r.recipe == "scratch"]) == 4
     assert main(["leaderboard", "--store", db, "--format", "csv"]) == 0
     captured = capsys.readouterr()
     import io
 
     import pandas as pd
     table = pd.read_csv(io.StringIO(captured.out))
-    assert list(table["n"]) == [1, 1, 1, 1]
-    assert "scratch: left out 1 result(s) of an earlier configuration" in captured.err
+    assert list(table["n"]) == [2, 2, 2]
+    assert "scratch: left out 2 result(s) of an earlier configuration" in captured.err
 
 
 class BrokenFamily(ModelFamily):
