@@ -138,9 +138,11 @@ def to_markdown(summary: pd.DataFrame, records: Sequence[Record] = ()) -> str:
                      "where that is smaller than dense.")
     env = next((r.environment for r in records if r.ok), None)
     if env:
+        # A store filled over several runs can mix revisions: name them all.
+        revisions = list(dict.fromkeys(r.environment.get("git_revision") or "n/a" for r in records if r.ok))
         notes.append(f"Measured with kdbench {env.get('kdbench')}, torch {env.get('torch')}, "
                      f"Python {env.get('python')} on {env.get('cpu')} ({env.get('threads')} threads, "
-                     f"quantized engine {env.get('quantized_engine')}), git {env.get('git_revision') or 'n/a'}.")
+                     f"quantized engine {env.get('quantized_engine')}), git {', '.join(revisions)}.")
     return "\n".join(lines + notes) + "\n"
 
 
