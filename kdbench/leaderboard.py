@@ -24,6 +24,7 @@ FIGURES: list[tuple[str, str, str]] = [
     ("flops", "FLOPs", "int"),
     ("latency_b1_ms", "b1 ms", "ms"),
     ("latency_b256_ms", "b256 ms", "ms"),
+    ("speedup_b256", "× teacher b256", "x"),
     ("train_seconds", "train s", "s"),
 ]
 
@@ -99,6 +100,8 @@ def _fmt(mean: float, std: float, style: str) -> str:
         return f"{mean:.3f} ± {std:.3f}"
     if style == "s":
         return f"{mean:.1f} ± {std:.1f}"
+    if style == "x":
+        return f"{mean:.2f} ± {std:.2f}"
     return f"{mean:.3f} ± {std:.3f}"
 
 
@@ -128,7 +131,8 @@ def to_markdown(summary: pd.DataFrame, records: Sequence[Record] = ()) -> str:
         cells += [_fmt(row[f"{key}_mean"], row[f"{key}_std"], style) for key, _, style in figures]
         lines.append("| " + " | ".join(cells) + " |")
     notes = ["", "Mean ± standard deviation over n seeds; test split; latency is the median of "
-             "interleaved repeats on the CPU, batch 1 and 256; FLOPs (a multiply-add is 2) from "
+             "interleaved repeats on the CPU, batch 1 and 256; × teacher b256 is the median "
+             "ratio of teacher to model time, the two timed back to back; FLOPs (a multiply-add is 2) from "
              "torch.utils.flop_counter, plus int8 kernels counted from their layer shapes."]
     if not summary.get("materialized", pd.Series([True])).all():
         notes.append("† simulated compression (masks, fake quantization): dense kernels still run "

@@ -158,35 +158,48 @@ def count_flops(model: nn.Module, example: torch.Tensor) -> int:
     return int(counter.get_total_flops()) + extra
 
 
-def latency(model: nn.Module, inputs: dict[int, torch.Tensor], warmup: int, repeats: int) -> dict[str, float]:
-    """Median and IQR of one forward pass per batch size, in ms.
+def latency(model: nn.Module, inputs: dict[int, torch.Tensor], warmup: int, repeats: int,
+            reference: nn.Module | None = None) -> dict[str, float]:
+    """Median and IQR of one forward pass per batch size, in ms; with a ``reference`` model,
+    also its speedup over the reference per batch size.
 
     Batch sizes are interleaved in every repeat so that drift in the machine's speed
     affects all of them alike; each timing block runs long enough (~5 ms) to be above the
-    clock's resolution.
+    clock's resolution. The reference is timed right beside the model in every repeat (in
+    alternating order), and ``speedup_b{B}`` is the median of the paired ratios: on a machine
+    whose load drifts, a ratio of back-to-back timings holds where absolute times do not.
     """
-    model.eval()
-    samples: dict[int, list[float]] = {b: [] for b in inputs}
-    inner: dict[int, int] = {}
+    models = {"model": model.eval()}
+    if reference is not None:
+        models["reference"] = reference.eval()
+    samples: dict[tuple[str, int], list[float]] = {(k, b): [] for k in models for b in inputs}
+    inner: dict[tuple[str, int], int] = {}
     with torch.inference_mode():
-        for b, x in inputs.items():
-            for _ in range(max(warmup, 1)):
-                model(x)
-            start = time.perf_counter()
-            model(x)
-            once = time.perf_counter() - start
-            inner[b] = max(1, min(200, math.ceil(0.005 / max(once, 1e-7))))
-        for _ in range(repeats):
+        for key, m in models.items():
             for b, x in inputs.items():
+                for _ in range(max(warmup, 1)):
+                    m(x)
                 start = time.perf_counter()
-                for _ in range(inner[b]):
-                    model(x)
-                samples[b].append((time.perf_counter() - start) / inner[b] * 1e3)
+                m(x)
+                once = time.perf_counter() - start
+                inner[key, b] = max(1, min(200, math.ceil(0.005 / max(once, 1e-7))))
+        for rep in range(repeats):
+            for b, x in inputs.items():
+                order = list(models.items()) if rep % 2 == 0 else list(models.items())[::-1]
+                for key, m in order:
+                    start = time.perf_counter()
+                    for _ in range(inner[key, b]):
+                        m(x)
+                    samples[key, b].append((time.perf_counter() - start) / inner[key, b] * 1e3)
     out = {}
-    for b, values in samples.items():
+    for b in inputs:
+        values = samples["model", b]
         q = statistics.quantiles(values, n=4) if len(values) > 1 else [values[0]] * 3
         out[f"latency_b{b}_ms"] = statistics.median(values)
         out[f"latency_b{b}_iqr_ms"] = q[2] - q[0]
+        if reference is not None:
+            out[f"speedup_b{b}"] = statistics.median(
+                r / v for r, v in zip(samples["reference", b], values, strict=True))
     return out
 
 
@@ -197,7 +210,7 @@ def batch_of(x: torch.Tensor, size: int) -> torch.Tensor:
 
 
 def measure(model: nn.Module, data: TaskData, task: Task, teacher_logits: torch.Tensor | None,
-            settings: Measure) -> dict[str, float]:
+            settings: Measure, reference: nn.Module | None = None) -> dict[str, float]:
     """All figures for one deployable model on the test split."""
     x, y = data.test.tensors
     logits = predict(model, x, settings.eval_batch_size)
@@ -217,5 +230,5 @@ def measure(model: nn.Module, data: TaskData, task: Task, teacher_logits: torch.
                    sparse_tensors=sparse_tensors,
                    weight_bytes=weight_bytes(model), flops=count_flops(model, x[:1]))
     figures.update(latency(model, {b: batch_of(x, b) for b in settings.latency_batch_sizes},
-                           settings.latency_warmup, settings.latency_repeats))
+                           settings.latency_warmup, settings.latency_repeats, reference))
     return figures

@@ -179,7 +179,9 @@ class CellRunner:
 
         deployable = export(model)
         teacher_logits = predict(teacher.model, data.test.tensors[0])
-        metrics = measure(deployable, data, task, teacher_logits, cell.experiment.measure)
+        # The teacher is timed beside the student: the speedup column is a paired ratio.
+        metrics = measure(deployable, data, task, teacher_logits, cell.experiment.measure,
+                          reference=export(teacher.model))
         metrics["train_seconds"] = sum(e["seconds"] for e in log)
         metrics["teacher_train_seconds"] = cached.train_seconds
         metrics["extra_train_params"] = extra_params

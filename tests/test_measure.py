@@ -116,3 +116,15 @@ def test_static_int8_models_keep_their_flops_and_parameters_counted():
     bn = [m for m in model.modules() if isinstance(m, nn.BatchNorm2d)]
     folded = sum(2 * m.num_features for m in bn) - sum(m.num_features for m in bn)
     assert count_parameters(int8)[0] == count_parameters(model)[0] - folded
+
+
+def test_speedup_is_the_paired_ratio_against_a_reference_model():
+    torch.manual_seed(0)
+    small = nn.Sequential(nn.Linear(512, 8), nn.ReLU(), nn.Linear(8, 10))
+    big = nn.Sequential(*[m for _ in range(6) for m in (nn.Linear(512, 512), nn.ReLU())], nn.Linear(512, 10))
+    x = torch.randn(256, 512)
+    out = latency(small, {256: x}, warmup=1, repeats=5, reference=big)
+    # About 380x fewer multiply-adds: the small model is clearly the faster of the pair.
+    assert out["speedup_b256"] > 2
+    assert set(out) == {"latency_b256_ms", "latency_b256_iqr_ms", "speedup_b256"}
+    assert "speedup_b256" not in latency(small, {256: x}, warmup=1, repeats=3)
