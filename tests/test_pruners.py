@@ -341,3 +341,10 @@ def test_channel_skip_round_to_and_errors(plugins):
     shuffled = CompressionContext(data, data.train.tensors[0][[3, 1, 2]], None, 0)
     with pytest.raises(ValueError, match="calibration_targets"):
         plugins.build("pruner", "channel", {"importance": "taylor"}).apply(build(plugins, "mlp")[0], shuffled)
+
+
+def test_the_pinned_torch_pruning_is_installed():
+    from importlib.metadata import version
+
+    # channel pruning relies on Torch-Pruning's group API, which changes between minor versions.
+    assert version("torch-pruning") == "1.6.1"
