@@ -192,6 +192,31 @@ class CompressionContext:
     finetune: Callable[..., list[dict]] | None = None
 
 
+@dataclasses.dataclass(frozen=True)
+class FinetuneParams:
+    """Parameters of compressors that fine-tune as they go (``gradual``, ``qat``): an optional
+    distiller for that fine-tuning, by name, with its parameters; both are checked when the
+    experiment is loaded. Subclass it for the compressor's ``Params`` (and call
+    ``super().__post_init__()``); pass ``distill_spec`` to ``context.finetune``."""
+
+    distill: str | None = None  # e.g. hinton
+    distill_params: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+    def __post_init__(self):
+        if self.distill_params and not self.distill:
+            raise ValueError("distill_params given without distill: name the distiller too")
+        if self.distill:
+            from .params import parse_params
+            from .plugins import get_plugins  # at parse time: the plugins are loaded by then
+
+            entry = get_plugins().get("distiller", self.distill, "distill")
+            parse_params(entry.cls.Params, self.distill_params, "distill_params")
+
+    @property
+    def distill_spec(self) -> dict[str, Any] | None:
+        return {"name": self.distill, **self.distill_params} if self.distill else None
+
+
 class Compressor(Component):
     """Shared contract of pruners, quantizers and decomposers."""
 

@@ -18,13 +18,13 @@ epochs_per_step: 2, distill: hinton}}]``. Simulated like ``magnitude``: masks, s
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Literal
+from typing import Literal
 
 from torch import nn
 from torch.nn.utils import prune
 
 from kdbench import hookimpl
-from kdbench.contracts import CompressionContext, Pruner
+from kdbench.contracts import CompressionContext, FinetuneParams, Pruner
 from kdbench_plugins.prune.magnitude import prunable_weights
 
 
@@ -39,30 +39,21 @@ class Gradual(Pruner):
     materialized = False  # masks: dense kernels run over the zeros
 
     @dataclasses.dataclass(frozen=True)
-    class Params:
+    class Params(FinetuneParams):
         sparsity: float = 0.8
         initial_sparsity: float = 0.0
         steps: int = 4
         epochs_per_step: int = 1
         scope: Literal["global", "layer"] = "global"
-        distill: str | None = None  # a distiller name for the fine-tuning (e.g. hinton)
-        distill_params: dict[str, Any] = dataclasses.field(default_factory=dict)
 
         def __post_init__(self):
+            super().__post_init__()
             if not 0 <= self.initial_sparsity <= self.sparsity < 1:
                 raise ValueError(f"need 0 <= initial_sparsity <= sparsity < 1, got initial_sparsity="
                                  f"{self.initial_sparsity}, sparsity={self.sparsity}")
             if self.steps < 1 or self.epochs_per_step < 0:
                 raise ValueError(f"steps must be >= 1 and epochs_per_step >= 0, got {self.steps}, "
                                  f"{self.epochs_per_step}")
-            if self.distill_params and not self.distill:
-                raise ValueError("distill_params given without distill: name the distiller too")
-            if self.distill:
-                from kdbench.plugins import get_plugins
-                from kdbench.params import parse_params
-
-                entry = get_plugins().get("distiller", self.distill, "distill")
-                parse_params(entry.cls.Params, self.distill_params, "distill_params")
 
     def apply(self, model: nn.Module, context: CompressionContext) -> nn.Module:
         p = self.params
@@ -72,7 +63,6 @@ class Gradual(Pruner):
         targets = prunable_weights(model)
         if not targets:
             raise ValueError("gradual pruning found no Linear or Conv layer to prune")
-        distill = {"name": p.distill, **p.distill_params} if p.distill else None
         done, reached = 0.0, []
         for target in cubic_schedule(p.initial_sparsity, p.sparsity, p.steps):
             # torch's iterative pruning takes the fraction of the weights still alive.
@@ -86,7 +76,7 @@ class Gradual(Pruner):
             zeros = sum(int((m.weight == 0).sum()) for m, _ in targets)
             reached.append(zeros / sum(m.weight.numel() for m, _ in targets))
             if p.epochs_per_step:
-                context.finetune(model, p.epochs_per_step, distill)
+                context.finetune(model, p.epochs_per_step, p.distill_spec)
         self._report = {"schedule": reached, "weight_sparsity": reached[-1],
                         "finetune_epochs": p.steps * p.epochs_per_step}
         return model

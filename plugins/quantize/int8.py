@@ -18,13 +18,12 @@ from __future__ import annotations
 import collections
 import dataclasses
 import warnings
-from typing import Any
 
 import torch
 from torch import nn
 
 from kdbench import hookimpl
-from kdbench.contracts import CompressionContext, Quantizer
+from kdbench.contracts import CompressionContext, FinetuneParams, Quantizer
 
 
 class DynamicInt8(Quantizer):
@@ -183,22 +182,13 @@ class QAT(Quantizer):
     trainable_after = False
 
     @dataclasses.dataclass(frozen=True)
-    class Params:
+    class Params(FinetuneParams):
         epochs: int = 3
-        distill: str | None = None  # a distiller for the fine-tuning (e.g. hinton)
-        distill_params: dict[str, Any] = dataclasses.field(default_factory=dict)
 
         def __post_init__(self):
+            super().__post_init__()
             if self.epochs < 1:
                 raise ValueError(f"qat: epochs must be >= 1, got {self.epochs}")
-            if self.distill_params and not self.distill:
-                raise ValueError("qat: distill_params given without distill: name the distiller too")
-            if self.distill:
-                from kdbench.params import parse_params
-                from kdbench.plugins import get_plugins
-
-                entry = get_plugins().get("distiller", self.distill, "distill")
-                parse_params(entry.cls.Params, self.distill_params, "distill_params")
 
     def apply(self, model: nn.Module, context: CompressionContext) -> nn.Module:
         if context is None or context.finetune is None:
@@ -207,10 +197,9 @@ class QAT(Quantizer):
         calibration = check_calibration(self.name, model, context.calibration)
         model = model.cpu().train()
         prepared, leaves = fx_prepare(self.name, model, calibration[:1], qat=True)
-        distill = {"name": self.params.distill, **self.params.distill_params} if self.params.distill else None
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            history = context.finetune(prepared, self.params.epochs, distill)
+            history = context.finetune(prepared, self.params.epochs, self.params.distill_spec)
         quantized, self._report = fx_convert(self.name, model, prepared, leaves)
         self._report["finetune_epochs"] = len(history)
         return quantized
