@@ -1,0 +1,1 @@
+"""Leaderboards and report folders: statistics, fingerprints, tables, figures, renderers."""
