@@ -1,4 +1,4 @@
-"""The ``kdbench`` command line: run, plugins, list, leaderboard.
+"""The ``kdbench`` command line: run, experiments, plugins, list, sensitivity, leaderboard, report.
 
 Exit codes: 0 success, 1 some cells failed, 2 bad input (config, plugin or argument error).
 """
@@ -20,7 +20,9 @@ DEFAULT_STORE = "kdbench-results.db"
 
 def cmd_run(args) -> int:
     from .config import load_experiment
-    from .leaderboard import frame, latest_configs, summarize, to_markdown
+    from .report import render
+    from .report.summary import frame, latest_configs, summarize
+    from .report.tables import leaderboard_blocks
     from .plugins import get_plugins
     from .runner import run_experiment
     from .store import Store
@@ -41,7 +43,7 @@ def cmd_run(args) -> int:
         summary = run_experiment(experiment, store, plugins, cache_dir, args.executor,
                                  progress=None if args.quiet else sys.stderr, device=args.device)
         records, _ = latest_configs(store.records(experiment.name))
-    print(to_markdown(summarize(frame(records)), records))
+    print(render.to_markdown(leaderboard_blocks(summarize(frame(records, plugins)))))
     print(f"{summary.total} cells: {summary.done} run now, {summary.skipped} already done, "
           f"{len(summary.failed)} failed. Results in {args.store}.", file=sys.stderr)
     for rec in summary.failed:
@@ -111,28 +113,138 @@ def cmd_list(args) -> int:
     return 0
 
 
-def cmd_leaderboard(args) -> int:
-    from .leaderboard import frame, latest_configs, summarize, to_csv, to_markdown
+def load_summary(args, plugins):
+    """The records and summary frame that ``leaderboard`` and ``report`` show, with the
+    store, experiment, filter, reference and metric options validated."""
+    import fnmatch
+
+    from .report.summary import GROUP, frame, latest_configs, summarize
     from .store import Store
 
-    if not Path(args.store).exists():
-        raise KdbenchError(f"no results store at {args.store}; run 'kdbench run' first or pass "
-                           "--store PATH")
-    with Store(args.store) as store:
-        if args.experiment and args.experiment not in store.experiments():
-            raise KdbenchError(unknown("experiment", args.experiment, store.experiments()))
-        records, notes = latest_configs(store.records(args.experiment))
+    stores = args.store or [DEFAULT_STORE]
+    records = []
+    for path in stores:
+        if not Path(path).exists():
+            raise KdbenchError(f"no results store at {path}; run 'kdbench run' first or pass --store PATH")
+        with Store(path) as store:
+            names = store.experiments()
+            for name in args.experiment or []:
+                if name not in names and len(stores) == 1:
+                    raise KdbenchError(unknown("experiment", name, names) + f" (in {path})")
+            records += store.records()
+    if args.experiment:
+        known = {r.experiment for r in records}
+        for name in args.experiment:
+            if name not in known:
+                raise KdbenchError(unknown("experiment", name, sorted(known)))
+        records = [r for r in records if r.experiment in args.experiment]
+    records.sort(key=lambda r: r.finished_at)
+    for flag in ("task", "teacher", "student", "recipe"):
+        patterns = getattr(args, flag) or []
+        if patterns:
+            # The teacher's own row stays whatever the recipe filter: it is every table's anchor.
+            records = [r for r in records if any(fnmatch.fnmatchcase(getattr(r, flag), p) for p in patterns)
+                       or (flag in ("recipe", "student") and r.role == "teacher")]
+    records, notes = latest_configs(records)
+    if not any(r.ok for r in records):
+        raise KdbenchError("no finished cells match: check --experiment and the filters "
+                           "(--task, --teacher, --student, --recipe take shell patterns)")
+    for column in args.by or []:
+        if column not in GROUP:
+            raise KdbenchError(unknown("--by column", column, GROUP))
+    df = frame(records, plugins)
+    recipes = sorted(set(df["recipe"]))
+    if args.reference and args.reference not in recipes:
+        raise KdbenchError(unknown("--reference recipe", args.reference, recipes))
+    summary = summarize(df, args.reference, args.metric)
+    if args.metric and f"{args.metric}_mean" not in summary:
+        figures = sorted(c[:-5] for c in summary.columns if c.endswith("_mean"))
+        raise KdbenchError(unknown("--metric figure", args.metric, figures))
+    return records, summary, notes
+
+
+def cmd_leaderboard(args) -> int:
+    from .plugins import get_plugins
+    from .report import render
+    from .report.document import Code, Heading
+    from .report.folder import environment_text, to_json
+    from .report.tables import leaderboard_blocks
+
+    records, summary, notes = load_summary(args, get_plugins())
     for note in notes:
         print(f"note: {note}", file=sys.stderr)
-    summary = summarize(frame(records))
-    text = to_csv(summary) if args.format == "csv" else to_markdown(summary, records)
+    blocks = leaderboard_blocks(summary, args.by or ["task"])
+    if args.format == "csv":
+        text = summary.to_csv(index=False)
+    elif args.format == "json":
+        text = to_json(summary, records)
+    elif args.format == "latex":
+        text = render.to_latex(blocks)
+    elif args.format == "html":
+        blocks = [Heading("kdbench leaderboard", 1), *blocks, Heading("Environment", 2),
+                  Code(environment_text(records))]
+        text = render.to_html(blocks, Path("."), "kdbench leaderboard")
+    else:
+        text = render.to_markdown(blocks + [Code(environment_text(records))])
     if args.output:
         Path(args.output).parent.mkdir(parents=True, exist_ok=True)
         Path(args.output).write_text(text)
         print(f"wrote {args.output}", file=sys.stderr)
     else:
-        print(text, end="")
+        print(text, end="" if text.endswith("\n") else "\n")
     return 0
+
+
+def cmd_report(args) -> int:
+    import shlex
+
+    from .plugins import get_plugins
+    from .report.folder import build_report
+
+    plugins = get_plugins()
+    files: dict[str, str] = {}
+    names = []
+    for item in args.experiments:
+        # An experiment file names its experiment; an embedded name is the experiment's name.
+        if Path(item).is_file():
+            from .config import load_experiment
+            experiment = load_experiment(item, plugins)
+            files[experiment.name] = item
+            names.append(experiment.name)
+        else:
+            names.append(item)
+    args.experiment = names or None
+    records, summary, notes = load_summary(args, plugins)
+    command = "kdbench report " + " ".join(shlex.quote(a) for a in (args.argv or []))
+    out = Path(args.output)
+    written = build_report(records, summary, out, plugins=plugins, title=args.title or default_title(records),
+                           command=command.strip(), notes=notes, files=files, by=args.by or ["task"])
+    print(f"wrote {len(written)} files to {out}/ (open {out / 'index.html'} in a browser, "
+          f"or read {out / 'README.md'})", file=sys.stderr)
+    return 0
+
+
+def default_title(records) -> str:
+    names = list(dict.fromkeys(r.experiment for r in records))
+    return "kdbench report: " + ", ".join(names)
+
+
+def add_selection(parser: argparse.ArgumentParser, experiment_flag: bool = True) -> None:
+    """Options shared by ``leaderboard`` and ``report``: which rows, compared how."""
+    parser.add_argument("--store", action="append", metavar="PATH",
+                        help=f"results database (repeatable; default {DEFAULT_STORE})")
+    if experiment_flag:
+        parser.add_argument("--experiment", action="append", help="only this experiment (repeatable)")
+    for flag in ("task", "teacher", "student", "recipe"):
+        parser.add_argument(f"--{flag}", action="append", metavar="PATTERN",
+                            help=f"only rows whose {flag} matches this shell pattern (repeatable)")
+    parser.add_argument("--reference", help="recipe every row is compared with, paired by seed "
+                        "(default: scratch, else dense, else the teacher's row; 'teacher' for the teacher)")
+    parser.add_argument("--metric", help="figure compared and ranked (default: the task's test metric), "
+                        "e.g. last_epoch_test_accuracy, teacher_agreement, latency_b1_ms")
+    parser.add_argument("--by", action="append", metavar="COLUMN",
+                        help="one table per value of this column (repeatable; default task); rows of "
+                        "different protocols are always in separate tables")
 
 
 def cmd_sensitivity(args) -> int:
@@ -226,17 +338,28 @@ def build_parser() -> argparse.ArgumentParser:
     sens.add_argument("--threads", type=int, help="torch CPU threads")
     sens.set_defaults(func=cmd_sensitivity)
 
-    board = sub.add_parser("leaderboard", help="mean ± std over seeds per (task, pair, recipe)")
-    board.add_argument("--store", default=DEFAULT_STORE)
-    board.add_argument("--experiment", help="only this experiment")
-    board.add_argument("--format", choices=["md", "csv"], default="md")
+    board = sub.add_parser("leaderboard", help="per (task, pair, recipe): mean, std and 95%% CI over "
+                           "seeds, paired comparison with a reference, ranks")
+    add_selection(board)
+    board.add_argument("--format", choices=["md", "csv", "latex", "html", "json"], default="md")
     board.add_argument("--output", help="write to this file instead of standard output")
     board.set_defaults(func=cmd_leaderboard)
+
+    report = sub.add_parser("report", help="a publishable folder: README.md, index.html, "
+                            "leaderboard.csv/.json and figures (PNG and SVG)")
+    report.add_argument("experiments", nargs="*", metavar="EXPERIMENT",
+                        help="experiment names in the store, or experiment files (default: all in the store)")
+    add_selection(report, experiment_flag=False)
+    report.add_argument("--output", required=True, help="the report folder (created)")
+    report.add_argument("--title", help="the report's title (default: names the experiments)")
+    report.set_defaults(func=cmd_report)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
     args = build_parser().parse_args(argv)
+    args.argv = argv[1:]  # a report records the command that wrote it
     try:
         return args.func(args)
     except KdbenchError as exc:

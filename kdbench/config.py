@@ -163,6 +163,10 @@ class Experiment:
                 for recipe in self.recipes for seed in self.seeds]
 
 
+#: Config keys stored with a cell for reports, left out of its id (see ``Cell.config``).
+UNHASHED = ("budget", "task_plugin")
+
+
 def digest(obj: Any) -> str:
     """A stable hash of a JSON-ready object."""
     blob = json.dumps(obj, sort_keys=True, separators=(",", ":"), default=str)
@@ -225,7 +229,12 @@ class Cell:
         return TeacherJob(self.experiment, self.task, self.pair.teacher, training, self.seed)
 
     def config(self, plugins: Plugins) -> dict[str, Any]:
-        """The full resolved config: stored with the row and hashed into the cell id."""
+        """The full resolved config: stored with the row and hashed into the cell id.
+
+        ``budget`` (the base student training) and ``task_plugin`` are stored for the
+        protocol fingerprint but not hashed: the stages already hold every training a cell
+        does, so they add nothing to what determines the result.
+        """
         base = self.student_training(plugins)
         refs = [self.task, self.pair.teacher, self.pair.student] + [s.ref for s in self.stages if s.ref]
         return {"kdbench": __version__, "experiment": self.experiment.name,
@@ -234,14 +243,18 @@ class Cell:
                 "stages": [s.spec(base) for s in self.stages], "seed": self.seed,
                 "teacher_key": self.teacher_job(plugins).teacher_key,
                 "measure": dataclasses.asdict(self.experiment.measure),
-                "plugins": {r.plugin: r.version for r in refs}}
+                "plugins": {r.plugin: r.version for r in refs},
+                "budget": dataclasses.asdict(base), "task_plugin": self.task.plugin}
 
     def student_training(self, plugins: Plugins) -> Training:
         """The base of the student's training stages: task budget < file < this pair."""
         return base_training(self.task, plugins, {**self.experiment.training, **self.pair.student_training})
 
     def cell_id(self, plugins: Plugins) -> str:
-        return digest(self.config(plugins))
+        config = self.config(plugins)
+        for key in UNHASHED:
+            config.pop(key)
+        return digest(config)
 
     def labels(self) -> dict[str, Any]:
         return {"task": self.task.label(), "teacher": self.pair.teacher.label(),

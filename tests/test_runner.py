@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import re
 import signal
 import sqlite3
 import subprocess
@@ -125,7 +126,8 @@ def test_cli_exit_codes_and_leaderboard_formats(tiny_yaml, tmp_path, capsys):
     db = str(tmp_path / "r.db")
     assert main(["run", str(tiny_yaml()), "--store", db, "--quiet"]) == 0
     out = capsys.readouterr().out
-    assert "| digits | mlp(hidden=[64]) | - | **teacher** | 1 |" in out
+    assert "task digits: mlp(hidden=[64]) → mlp(hidden=[16])" in out
+    assert re.search(r"\| teacher( ◆)? \| 1 \|", out) and re.search(r"\| kd\+int8( ◆)? \| 1 \|", out)
     assert main(["leaderboard", "--store", db, "--format", "csv"]) == 0
     import io
 
@@ -135,7 +137,7 @@ def test_cli_exit_codes_and_leaderboard_formats(tiny_yaml, tmp_path, capsys):
     assert {"test_accuracy_mean", "test_accuracy_std", "size_bytes_mean", "n"} <= set(table.columns)
     output = tmp_path / "board.md"
     assert main(["leaderboard", "--store", db, "--output", str(output)]) == 0
-    assert output.read_text().startswith("| task | teacher | student | recipe | n | accuracy % |")
+    assert "| recipe | n | accuracy % ↑ | 95% CI | Δ vs scratch [95% CI] | p | rank |" in output.read_text()
     assert main(["leaderboard", "--store", str(tmp_path / "missing.db")]) == 2
     assert main(["leaderboard", "--store", db, "--experiment", "tiyn"]) == 2
     assert "did you mean 'tiny'" in capsys.readouterr().err
@@ -147,13 +149,13 @@ def test_a_changed_experiment_reports_only_its_latest_configuration(tiny_yaml, t
     two_seeds = TINY.replace("seeds: [0]", "seeds: [0, 1]").replace(
         "  kd+int8: [{distill: hinton}, {quantize: dynamic-int8}]\n", "")
     assert main(["run", str(tiny_yaml(two_seeds)), "--store", db, "--quiet"]) == 0
-    assert "| scratch | 2 |" in capsys.readouterr().out  # seeds of one configuration are one row
+    assert re.search(r"\| scratch( ◆)? \| 2 \|", capsys.readouterr().out)  # seeds of one configuration: one row
     # The same recipe names with a longer student budget: the earlier results stay in the
     # store, but a row never averages two configurations.
     longer = two_seeds.replace("student: {name: mlp, hidden: [16]}",
                                "student: {name: mlp, hidden: [16]}\n    student_training: {epochs: 4}")
     assert main(["run", str(tiny_yaml(longer)), "--store", db, "--quiet"]) == 0
-    assert "| scratch | 2 |" in capsys.readouterr().out
+    assert re.search(r"\| scratch( ◆)? \| 2 \|", capsys.readouterr().out)
     with Store(db) as store:
         assert len([r for r in store.records("tiny") if r.recipe == "scratch"]) == 4
     assert main(["leaderboard", "--store", db, "--format", "csv"]) == 0

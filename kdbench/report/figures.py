@@ -28,6 +28,7 @@ from matplotlib.lines import Line2D
 from matplotlib.ticker import MaxNLocator
 
 from .stats import pareto_mask
+from .tables import is_fraction
 
 DPI = 150
 #: ``svg.fonttype: none`` writes text as ``<text>`` elements (searchable, read by screen
@@ -68,17 +69,12 @@ def _metric(summary: pd.DataFrame, what: str) -> tuple[str, bool]:
     return str(summary["metric"].iloc[0]), bool(summary["higher_is_better"].iloc[0])
 
 
-def _is_fraction(metric: str) -> bool:
-    # As the leaderboard: fractions are stored 0..1 and shown as percentages.
-    return metric.endswith(("accuracy", "agreement"))
-
-
 def _scale(metric: str) -> float:
-    return 100.0 if _is_fraction(metric) else 1.0
+    return 100.0 if is_fraction(metric) else 1.0
 
 
 def _quality_label(split: str, metric: str, higher: bool) -> str:
-    unit = ", %" if _is_fraction(metric) else ""
+    unit = ", %" if is_fraction(metric) else ""
     return f"{split} {metric}{unit} ({'higher' if higher else 'lower'} is better)"
 
 
@@ -345,7 +341,7 @@ def training_curves(histories: dict[str, list[list[dict]]], metric: str, higher_
                 ncols=1 if len(handles) <= 12 else 2)
     main.set_title(main_title + ": mean over seeds, band = min to max", parse_math=False)
     main.set_xlabel("epoch")
-    main.set_ylabel(f"val {metric}{', %' if _is_fraction(metric) else ''}", parse_math=False)
+    main.set_ylabel(f"val {metric}{', %' if is_fraction(metric) else ''}", parse_math=False)
     main.xaxis.set_major_locator(MaxNLocator(integer=True))
     main.grid(True, alpha=0.3)
 

@@ -67,7 +67,10 @@ def _stem(figure: Figure) -> str:
 
 #: Characters that would turn a label into markup (emphasis, code, links, raw HTML, a cell
 #: break); backslash-escaped, which CommonMark shows as the plain character.
-_MD_SPECIAL = re.compile(r"([\\`*_\[\]<>|])")
+# Characters that would start markup. ``_`` only where it could open emphasis (not inside a
+# word, as in ``split_seed``) and ``[`` only where a link could follow, so that labels such as
+# ``mlp(hidden=[64])`` stay readable in the plain text of a README.
+_MD_SPECIAL = re.compile(r"([\\`*<>|]|(?<![A-Za-z0-9])_|_(?![A-Za-z0-9])|\[(?=[^\]]*\][(\[])|\](?=[(\[]))")
 
 
 def _md_text(text: str) -> str:
@@ -90,8 +93,9 @@ def _md_table(table: Table) -> str:
 def _md_figure(figure: Figure) -> str:
     url = quote(_stem(figure), safe="/")  # spaces and parentheses would end the link early
     caption = _md_text(figure.caption)
+    alt = re.sub(r"(?<!\\)([\[\]])", r"\\\1", caption)  # inside ![...] every bracket counts
     link = f"[SVG]({url}.svg)"
-    return f"![{caption}]({url}.png)\n" + (f"*{caption}* ({link})" if caption else link)
+    return f"![{alt}]({url}.png)\n" + (f"*{caption}* ({link})" if caption else link)
 
 
 def _md_code(code: Code) -> str:

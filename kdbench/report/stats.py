@@ -64,7 +64,7 @@ def paired(values: dict[int, float], reference: dict[int, float], alpha: float =
         return Paired(1, mean, math.nan, math.nan, None)
     half = t_halfwidth(d)
     sd = d.std(ddof=1)
-    if sd == 0:
+    if sd <= 1e-12 * max(1.0, abs(mean)):  # equal up to rounding: 0.92 - 0.90 vs 0.93 - 0.91
         # Identical differences: the t statistic is undefined. Zero difference is no effect;
         # a constant non-zero difference is as certain as it gets.
         p = 1.0 if mean == 0 else 0.0

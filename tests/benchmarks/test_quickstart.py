@@ -9,7 +9,7 @@ from __future__ import annotations
 import pytest
 
 from kdbench.cli import main
-from kdbench.leaderboard import frame, summarize
+from kdbench.report.summary import frame, summarize
 from kdbench.store import Store
 
 

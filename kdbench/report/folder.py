@@ -1,0 +1,261 @@
+"""``kdbench report``: one folder a researcher can publish as it is.
+
+README.md (tables, figures, the experiment files, the environment and the commands that
+regenerate it), leaderboard.csv and leaderboard.json (every statistic of every row), the
+figures as PNG and SVG, and index.html with the figures embedded (opens offline).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import re
+from collections.abc import Sequence
+from pathlib import Path
+
+import pandas as pd
+
+from ..config import embedded_experiments, load_experiment
+from ..errors import KdbenchError
+from ..store import Record
+from . import figures, published, render
+from .document import Block, Code, Figure, Heading, Paragraph, Table
+from .summary import aggregate_ranks
+from .tables import is_fraction, leaderboard_blocks, ranks_table
+
+
+@dataclasses.dataclass
+class Source:
+    """An experiment file behind the report, and how many stored rows it regenerates."""
+
+    name: str
+    text: str | None
+    location: str
+    matched: int = 0
+    stored: int = 0
+
+
+def experiment_sources(names: Sequence[str], records: Sequence[Record], plugins,
+                       files: dict[str, str]) -> list[Source]:
+    """For each experiment in the report, its file (given on the command line, else the
+    embedded one of that name) and a check that the file's cells are the stored cells."""
+    embedded = embedded_experiments()
+    out = []
+    for name in names:
+        stored = {r.cell_id for r in records if r.experiment == name and r.role == "student" and r.ok}
+        path = files.get(name)
+        if path is None and name not in embedded:
+            out.append(Source(name, None, "not available", 0, len(stored)))
+            continue
+        text = Path(path).read_text() if path else embedded[name]
+        location = path or f"kdbench/experiments/{name}.yaml (embedded)"
+        try:
+            experiment = load_experiment(path or name, plugins)
+            ids = {c.cell_id(plugins) for c in experiment.cells()}
+        except KdbenchError:
+            ids = set()
+        out.append(Source(name, text, location, len(stored & ids), len(stored)))
+    return out
+
+
+def slug(text: str) -> str:
+    return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")[:60] or "x"
+
+
+def _group_histories(records: Sequence[Record], experiment: str, task: str, teacher: str,
+                     student: str) -> dict[str, list[list[dict]]]:
+    out: dict[str, list[list[dict]]] = {}
+    for r in records:
+        if (r.ok and r.role == "student" and (r.experiment, r.task, r.teacher, r.student)
+                == (experiment, task, teacher, student)):
+            trained = [s["history"] for s in r.stages if s.get("history")]
+            if trained:
+                out.setdefault(r.recipe, []).append(trained[-1])
+    return out
+
+
+def figure_blocks(summary: pd.DataFrame, records: Sequence[Record], out: Path) -> list[Block]:
+    """Per (task, protocol): Pareto fronts (bytes, latency) and the per-recipe dot plot; per
+    (task, pair): training curves."""
+    blocks: list[Block] = []
+    for (task, fp), rows in summary.groupby(["task", "fingerprint"], sort=False):
+        name = f"{task} (protocol {fp})" if summary[summary.task == task].fingerprint.nunique() > 1 else task
+        metric = rows.iloc[0]["metric"]
+        blocks.append(Heading(f"Figures: {name}", 3))
+        for cost, label in (("size_bytes", "file size (bytes)"), ("latency_b1_ms", "latency at batch 1 (ms)")):
+            if f"{cost}_mean" not in rows or rows[f"{cost}_mean"].isna().all():
+                continue
+            stem = Path("figures") / f"{slug(task)}-{fp}-pareto-{slug(cost)}"
+            front = figures.pareto_figure(rows, cost, label, out / stem, f"{task}: {metric} vs {label}")
+            blocks.append(Figure(stem, f"{task}: test {metric} against {label}; the Pareto front "
+                                       f"(highlighted): {', '.join(front)}"))
+        for (teacher, student), pair in rows[~rows.is_teacher].groupby(["teacher", "student"], sort=False):
+            pair_rows = pd.concat([rows[rows.is_teacher & (rows.teacher == teacher)], pair])
+            tag = f"{slug(task)}-{fp}-{slug(student)}-{slug(teacher)}"
+            title = f"{task}: {teacher} → {student}"
+            if len(pair) > 1:
+                stem = Path("figures") / f"{tag}-methods"
+                reference = next((r for r in pair["reference"].dropna()), None)
+                figures.method_bars(pair_rows, out / stem, title, reference=reference)
+                blocks.append(Figure(stem, f"{title}: test {metric} per recipe, mean with 95% CI; "
+                                           "colour: paired comparison with the reference"))
+            histories = _group_histories(records, pair.iloc[0]["experiment"], task, teacher, student)
+            if histories:
+                stem = Path("figures") / f"{tag}-curves"
+                figures.training_curves(histories, metric, bool(rows.iloc[0]["higher_is_better"]),
+                                        out / stem, f"{title}: training curves")
+                blocks.append(Figure(stem, f"{title}: validation {metric} per epoch (mean over seeds, "
+                                           "band min-max) and each loss term of the last training stage"))
+    return blocks
+
+
+def environment_text(records: Sequence[Record]) -> str:
+    envs = [r.environment for r in records if r.ok]
+    keys = ["kdbench", "torch", "python", "platform", "cpu", "threads", "quantized_engine", "device"]
+    lines = []
+    for key in keys:
+        values = list(dict.fromkeys(str(e.get(key)) for e in envs if e.get(key) is not None))
+        if values:
+            lines.append(f"{key}: {', '.join(values)}")
+    revisions = list(dict.fromkeys(e.get("git_revision") or "n/a" for e in envs))
+    lines.append(f"git revision: {', '.join(revisions)}")
+    return "\n".join(lines)
+
+
+def run_commands(records: Sequence[Record]) -> list[str]:
+    """The ``kdbench run`` command lines that produced the rows, as recorded with them (a
+    cache directory is a machine's own path and is left out)."""
+    seen = []
+    for r in records:
+        argv = list(r.environment.get("argv") or [])
+        if not argv or argv[0] != "run":
+            continue
+        clean, skip = [], False
+        for arg in argv:
+            if skip:
+                skip = False
+                continue
+            if arg == "--cache-dir":
+                skip = True
+                continue
+            if arg.startswith("--cache-dir="):
+                continue
+            clean.append(arg)
+        line = "kdbench " + " ".join(clean)
+        if line not in seen:
+            seen.append(line)
+    return seen
+
+
+def build_report(records: Sequence[Record], summary: pd.DataFrame, out: Path, *, plugins, title: str,
+                 command: str, notes: Sequence[str] = (), files: dict[str, str] | None = None,
+                 by: Sequence[str] = ("task",)) -> list[Path]:
+    """Write the report folder; return the files written."""
+    out.mkdir(parents=True, exist_ok=True)
+    experiments = list(dict.fromkeys(r.experiment for r in records))
+    sources = experiment_sources(experiments, records, plugins, files or {})
+    ok = [r for r in records if r.ok]
+    failed = [r for r in records if not r.ok]
+    seeds = sorted({r.seed for r in ok})
+    blocks: list[Block] = [Heading(title, 1), Paragraph(
+        f"{len(ok)} finished cells ({sum(r.role == 'teacher' for r in ok)} teacher rows) of "
+        f"{', '.join(f'`{e}`' for e in experiments)}, seeds {', '.join(map(str, seeds))}"
+        + (f"; {len(failed)} failed cells are not in the tables (see below)" if failed else "") + ". "
+        "Every number below was measured by a run of kdbench; `leaderboard.csv` and "
+        "`leaderboard.json` hold every statistic of every row.")]
+    blocks += findings(summary)
+    blocks.append(Heading("Leaderboards", 2))
+    blocks += leaderboard_blocks(summary, by)
+    aggregate = aggregate_ranks(summary)
+    if len(aggregate) and aggregate["of"].iloc[0] > 1:
+        blocks += [Heading("Aggregate rank", 2), ranks_table(aggregate)]
+    comparison = published.compare(summary)
+    if len(comparison):
+        blocks += [Heading("Published and reproduced", 2), published.to_table(comparison)]
+    blocks.append(Heading("Figures", 2))
+    blocks += figure_blocks(summary, records, out)
+    if failed:
+        blocks += [Heading("Failed cells", 2), Table(
+            ["experiment", "task", "teacher", "student", "recipe", "seed", "error"],
+            [[r.experiment, r.task, r.teacher, r.student, r.recipe, str(r.seed), (r.error or "")[:200]]
+             for r in failed])]
+    blocks += [Heading("Reproduce", 2), Paragraph(
+        "The commands that produced the rows (as recorded with them), then the command that "
+        "wrote this folder. Finished cells are kept in the store: rerunning only fills in what "
+        "is missing.")]
+    blocks.append(Code("\n".join(run_commands(records) + [command]), "bash"))
+    for src in sources:
+        check = (f"this file regenerates {src.matched} of the {src.stored} stored student rows"
+                 if src.text is not None else "the file is not available here; every row's resolved "
+                 "configuration is in leaderboard.json")
+        blocks += [Heading(f"Experiment `{src.name}`", 3), Paragraph(f"{src.location}: {check}.")]
+        if src.text is not None:
+            blocks.append(Code(src.text, "yaml"))
+    blocks += [Heading("Environment", 2), Code(environment_text(records))]
+    if notes:
+        blocks += [Heading("Notes", 2), Paragraph(" ".join(notes))]
+
+    written = []
+    (out / "README.md").write_text(render.to_markdown(blocks))
+    (out / "index.html").write_text(render.to_html(blocks, out, title))
+    summary.to_csv(out / "leaderboard.csv", index=False)
+    (out / "leaderboard.json").write_text(to_json(summary, records))
+    for name in ("README.md", "index.html", "leaderboard.csv", "leaderboard.json"):
+        written.append(out / name)
+    written += sorted((out / "figures").glob("*")) if (out / "figures").exists() else []
+    return written
+
+
+def findings(summary: pd.DataFrame) -> list[Block]:
+    """A few sentences per protocol table, computed from the numbers: what beat the reference
+    significantly, what lost, the Pareto front."""
+    lines = []
+    for (task, teacher, student, fp), rows in summary[~summary.is_teacher].groupby(
+            ["task", "teacher", "student", "fingerprint"], sort=False):
+        metric = rows.iloc[0]["compared"]
+        scale = 100 if is_fraction(metric) else 1
+        unit = " points" if scale == 100 else ""
+        higher = bool(rows.iloc[0]["higher_is_better"])
+        ref = next((r for r in rows["reference"].dropna()), None)
+        if ref is None:
+            continue
+        better = rows[(rows.significant == True) & ((rows.delta_mean > 0) == higher)]  # noqa: E712
+        worse = rows[(rows.significant == True) & ((rows.delta_mean > 0) != higher)]  # noqa: E712
+        untested = rows[rows.significant.isna() & rows.reference.notna() & (rows.recipe != ref)]
+        best = rows.sort_values("rank").iloc[0]
+        text = (f"**{task}, {teacher} → {student}** (protocol `{fp}`): best {metric.removeprefix('test_')} "
+                f"from `{best.recipe}`; ")
+        text += ("significantly better than `" + ref + "`: " + ", ".join(
+            f"`{r.recipe}` ({r.delta_mean * scale:+.2f}{unit})" for r in better.itertuples())
+                 if len(better) else f"no recipe is significantly better than `{ref}`")
+        if len(worse):
+            text += "; significantly worse: " + ", ".join(
+                f"`{r.recipe}` ({r.delta_mean * scale:+.2f}{unit})" for r in worse.itertuples())
+        if len(untested):
+            text += f"; {len(untested)} row(s) have too few seeds to test"
+        lines.append(Paragraph(text + "."))
+    if not lines:
+        return []
+    return [Heading("Findings", 2), Paragraph(
+        "Computed from the tables: paired t-tests by seed against the reference recipe, "
+        "Holm-corrected, at 0.05; with 3 seeds only large or very consistent differences pass.")] + lines
+
+
+def to_json(summary: pd.DataFrame, records: Sequence[Record]) -> str:
+    """Every row's statistics, its protocol, and the resolved configuration of each cell."""
+    def clean(value):
+        if isinstance(value, float) and (math.isnan(value) or math.isinf(value)):
+            return None
+        if hasattr(value, "item"):
+            return clean(value.item())
+        return value
+
+    rows = []
+    for row in summary.to_dict("records"):
+        entry = {k: clean(v) for k, v in row.items() if k != "protocol"}
+        entry["protocol"] = json.loads(row["protocol"]) if isinstance(row.get("protocol"), str) else None
+        rows.append(entry)
+    cells = [{"cell_id": r.cell_id, "experiment": r.experiment, "role": r.role, "recipe": r.recipe,
+              "seed": r.seed, "status": r.status, "config": r.config} for r in records]
+    return json.dumps({"rows": rows, "cells": cells}, indent=1, default=str)

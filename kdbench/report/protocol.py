@@ -1,0 +1,80 @@
+"""Protocol fingerprints: what must be equal for two rows' numbers to be comparable.
+
+A leaderboard that ranks a 20-epoch student beside a 60-epoch one, or a latency taken on
+one CPU beside one taken on another, publishes an ordering no experiment produced. Each row
+gets a short hash of its protocol; rows are ranked, compared and plotted together only when
+the hashes match.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from ..config import digest
+from ..store import Record
+
+#: The parts of a protocol, in the order a report explains a difference.
+PARTS = ("task", "task_version", "budget", "calibration_size", "eval_batch_size", "latency")
+
+
+def protocol(record: Record, plugins=None) -> dict[str, Any]:
+    """The protocol of a student row, from its stored config and environment.
+
+    ``budget`` is the base student training of the experiment (recorded since the report
+    came in); rows stored earlier fall back to the training of their first train or distill
+    stage, which equals it unless that stage overrides it.
+    """
+    config, env = record.config, record.environment
+    measure = config.get("measure", {})
+    task_plugin = config.get("task_plugin")
+    name = config.get("task", {}).get("name")
+    if task_plugin is None and plugins is not None and name in plugins.entries.get("task", {}):
+        task_plugin = plugins.get("task", name).plugin  # rows stored before it was recorded
+    budget = config.get("budget")
+    if budget is None:
+        budget = next((s["training"] for s in config.get("stages", [])
+                       if s.get("op") in ("train", "distill") and "training" in s), None)
+    return {
+        "task": config.get("task"),
+        "task_version": config.get("plugins", {}).get(task_plugin) if task_plugin else None,
+        "budget": budget,
+        "calibration_size": measure.get("calibration_size"),
+        "eval_batch_size": measure.get("eval_batch_size"),
+        "latency": {"cpu": env.get("cpu"), "threads": env.get("threads"),
+                    "batch_sizes": measure.get("latency_batch_sizes"),
+                    "repeats": measure.get("latency_repeats")},
+    }
+
+
+def fingerprint(proto: dict[str, Any]) -> str:
+    return digest(proto)[:8]
+
+
+def differences(a: dict[str, Any], b: dict[str, Any]) -> list[str]:
+    """Human-readable parts where two protocols differ, e.g. ``budget.epochs: 20 vs 60``."""
+    out: list[str] = []
+
+    def walk(x: Any, y: Any, path: str) -> None:
+        if isinstance(x, dict) and isinstance(y, dict):
+            for key in sorted(set(x) | set(y), key=str):
+                walk(x.get(key), y.get(key), f"{path}.{key}" if path else str(key))
+        elif x != y:
+            out.append(f"{path}: {x} vs {y}")
+
+    for part in PARTS:
+        walk(a.get(part), b.get(part), part)
+    return out
+
+
+def describe(proto: dict[str, Any]) -> str:
+    """One line a reader can check: the split, budget, calibration, evaluation and timing."""
+    task = proto.get("task") or {}
+    splits = ", ".join(f"{k}={v}" for k, v in task.items() if k != "name")
+    budget = proto.get("budget") or {}
+    lat = proto.get("latency") or {}
+    budget_text = (f"{budget.get('epochs')} epochs, {budget.get('optimizer')} lr {budget.get('lr')}, "
+                   f"batch {budget.get('batch_size')}") if budget else "no student training"
+    return (f"task {task.get('name')} v{proto.get('task_version') or '?'} ({splits}); "
+            f"budget {budget_text}; calibration {proto.get('calibration_size')}; "
+            f"evaluation batch {proto.get('eval_batch_size')}; latency on {lat.get('cpu')}, "
+            f"{lat.get('threads')} threads, batches {lat.get('batch_sizes')}")

@@ -1,0 +1,292 @@
+"""From stored cells to the summary frame every table, figure and format is made of.
+
+One row per (experiment, task, teacher, student, recipe, protocol fingerprint): for every
+figure the mean, standard deviation and 95% t interval over seeds; the paired comparison with
+a reference recipe; figures relative to the teacher and to the reference; ranks and Pareto
+flags computed only among rows that share a fingerprint.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from ..store import Record
+from . import stats
+from .protocol import fingerprint, protocol
+
+GROUP = ["experiment", "task", "teacher", "student", "recipe"]
+#: Where a pair's comparisons are made: same models, same protocol.
+PAIR = ["task", "teacher", "student", "fingerprint"]
+#: Default references, in order: the student trained alone, the uncompressed model; else the
+#: teacher's own row (the uncompressed model of recipes that compress the teacher).
+DEFAULT_REFERENCES = ("scratch", "dense")
+#: Direction of figures other than the task metric (True: higher is better).
+HIGHER_IS_BETTER = {"teacher_agreement": True, "teacher_kl": False, "params": False,
+                    "nonzero_params": False, "size_bytes": False, "weight_bytes": False,
+                    "flops": False, "train_seconds": False}
+LOWER_IS_BETTER_METRICS = ("bpc", "perplexity", "loss", "error", "mse", "mae")
+
+
+def latest_configs(records: Sequence[Record]) -> tuple[list[Record], list[str]]:
+    """Per leaderboard row (experiment, task, pair, recipe), the records of the configuration
+    that finished last, and a note for each row whose older results were left out.
+
+    A store keeps every cell it ever ran; after an experiment file changes (a longer budget,
+    another temperature) the same row name has results of two configurations, and averaging
+    them would report a number that no configuration produced.
+    """
+    def variant(r: Record) -> str:
+        # The seed, and the teacher's cache key that hashes it, differ within one configuration.
+        per_seed = {"seed", "teacher_key"}
+        return json.dumps({k: v for k, v in r.config.items() if k not in per_seed}, sort_keys=True, default=str)
+
+    groups: dict[tuple, list[Record]] = {}
+    for r in records:
+        groups.setdefault(tuple(getattr(r, k) for k in GROUP + ["role"]), []).append(r)
+    kept, notes = [], []
+    for key, members in groups.items():
+        newest = max(members, key=lambda r: r.finished_at)
+        current = [r for r in members if variant(r) == variant(newest)]
+        kept += current
+        if len(current) < len(members):
+            notes.append(f"{key[0]} | {key[1]} | {key[2]} -> {key[3]} | {key[4]}: left out "
+                         f"{len(members) - len(current)} result(s) of an earlier configuration")
+    order = {id(r): i for i, r in enumerate(records)}
+    return sorted(kept, key=lambda r: order[id(r)]), notes
+
+
+def task_metric(record: Record, plugins=None) -> tuple[str, bool]:
+    """The task's metric and its direction: from the registered task when installed, else
+    read off the row (its one ``test_*`` figure; lower is better for bpc, perplexity...)."""
+    name = record.config.get("task", {}).get("name")
+    if plugins is not None and name in plugins.entries.get("task", {}):
+        cls = plugins.get("task", name).cls
+        return cls.metric, cls.higher_is_better
+    tests = [k[5:] for k in record.metrics if k.startswith("test_")]
+    metric = next((m for m in tests if m in ("accuracy", "bpc", "perplexity")), tests[0] if tests else "accuracy")
+    return metric, not metric.endswith(LOWER_IS_BETTER_METRICS)
+
+
+def frame(records: Sequence[Record], plugins=None) -> pd.DataFrame:
+    """One row per finished cell: labels, fingerprint, metric and every measured figure.
+
+    Teacher rows take the fingerprint of their experiment's students (one copy per
+    fingerprint), since a teacher is the reference point of every table its students are in.
+    """
+    rows = []
+    for r in records:
+        if not r.ok:
+            continue
+        metric, higher = task_metric(r, plugins)
+        rows.append({**{k: getattr(r, k) for k in GROUP + ["seed", "role", "cell_id"]},
+                     "fingerprint": fingerprint(protocol(r, plugins)) if r.role == "student" else None,
+                     "protocol": json.dumps(protocol(r, plugins), sort_keys=True, default=str),
+                     "metric": metric, "higher_is_better": higher, **r.metrics})
+    df = pd.DataFrame(rows)
+    if df.empty:
+        return df
+    students = df[df.role == "student"]
+    prints = students.groupby(["experiment", "task", "teacher"])["fingerprint"].unique().to_dict()
+    protocols = dict(zip(students["fingerprint"], students["protocol"], strict=False))
+    teachers = []
+    for _, t in df[df.role == "teacher"].iterrows():
+        for fp in prints.get((t.experiment, t.task, t.teacher), [fingerprint(json.loads(t.protocol))]):
+            teachers.append({**t.to_dict(), "fingerprint": fp, "protocol": protocols.get(fp, t.protocol)})
+    return pd.concat([pd.DataFrame(teachers), students], ignore_index=True) if teachers else students
+
+
+def figure_columns(df: pd.DataFrame) -> list[str]:
+    skip = set(GROUP) | {"seed", "role", "cell_id", "fingerprint", "protocol", "metric", "higher_is_better"}
+    return [c for c in df.columns if c not in skip and pd.api.types.is_numeric_dtype(df[c])
+            and df[c].dtype != bool]
+
+
+def direction(figure: str, metric: str, higher_is_better: bool) -> bool:
+    """True when higher is better for ``figure`` (the task metric's direction for its
+    variants, e.g. ``last_epoch_test_accuracy``)."""
+    if figure.endswith(f"test_{metric}"):
+        return higher_is_better
+    if figure.startswith(("latency_", "speedup_")):
+        return figure.startswith("speedup_")
+    return HIGHER_IS_BETTER.get(figure, True)
+
+
+def summarize(df: pd.DataFrame, reference: str | None = None, metric: str | None = None) -> pd.DataFrame:
+    """The summary frame (see the module docstring). ``reference`` names the recipe every row
+    is compared with (default: scratch, else dense, else the teacher's row); ``metric`` the
+    figure compared and ranked (default: the task's test metric)."""
+    if df.empty:
+        return pd.DataFrame()
+    figures = figure_columns(df)
+    keys = GROUP + ["fingerprint"]
+    order = {key: i for i, key in enumerate(df[keys].apply(tuple, axis=1).drop_duplicates())}
+    grouped = df.groupby(keys, sort=False, dropna=False)
+    out = grouped[figures].agg(["mean", "std"])
+    out.columns = [f"{fig}_{stat}" for fig, stat in out.columns]
+    for fig in figures:
+        out[f"{fig}_ci95"] = grouped[fig].agg(lambda s: stats.t_halfwidth(s.tolist()))
+    out.insert(0, "n", grouped.size())
+    first = grouped[["role", "metric", "higher_is_better", "protocol"]].first()
+    out["is_teacher"] = first["role"] == "teacher"
+    out["metric"] = first["metric"]
+    out["higher_is_better"] = first["higher_is_better"].astype(bool)
+    out["protocol"] = first["protocol"]
+    out["materialized"] = (grouped["materialized"].apply(lambda s: bool(s.fillna(True).all()))
+                           if "materialized" in df else True)
+    seeds = {key: dict(zip(g["seed"], g.to_dict("records"), strict=True)) for key, g in grouped}
+    out = out.reset_index()
+    out["_order"] = [order[tuple(r)] for r in out[keys].itertuples(index=False)]
+    out = _compare(out, seeds, reference, metric)
+    out = _relative(out)
+    out = _rank_and_front(out)
+    # Teacher rows first within each (task, teacher); then recipes in the experiment's order.
+    out = out.sort_values(["experiment", "task", "teacher", "fingerprint", "is_teacher", "_order"],
+                          ascending=[True, True, True, True, False, True], kind="stable")
+    return out.drop(columns="_order").reset_index(drop=True)
+
+
+def compared_figure(row: dict[str, Any], metric: str | None) -> str:
+    return metric or f"test_{row['metric']}"
+
+
+def _reference_row(rows: pd.DataFrame, row: pd.Series, reference: str | None) -> pd.Series | None:
+    """The row that ``row`` is compared with: same task, pair and fingerprint."""
+    same = rows[(rows.task == row.task) & (rows.teacher == row.teacher)
+                & (rows.fingerprint == row.fingerprint) & (rows.experiment == row.experiment)]
+    teacher = same[same.is_teacher]
+    if reference == "teacher":
+        return teacher.iloc[0] if len(teacher) else None
+    pair = same[(same.student == row.student) & ~same.is_teacher]
+    for name in [reference] if reference else DEFAULT_REFERENCES:
+        hit = pair[pair.recipe == name]
+        if len(hit):
+            return hit.iloc[0]
+    if reference is None and len(teacher):
+        return teacher.iloc[0]
+    return None
+
+
+def _compare(out: pd.DataFrame, seeds: dict, reference: str | None, metric: str | None) -> pd.DataFrame:
+    keys = GROUP + ["fingerprint"]
+    results = []
+    for _, row in out.iterrows():
+        ref = None if row.is_teacher else _reference_row(out, row, reference)
+        figure = compared_figure(row, metric)
+        if ref is None or ref[keys].tolist() == row[keys].tolist() or f"{figure}_mean" not in out:
+            results.append({"reference": None if ref is None else ref.recipe, "compared": figure,
+                            "delta_mean": math.nan, "delta_ci95": math.nan, "p_value": math.nan,
+                            "significant": None, "pairs": 0})
+            continue
+        mine = {s: v.get(figure, math.nan) for s, v in seeds[tuple(row[keys])].items()}
+        theirs = {s: v.get(figure, math.nan) for s, v in seeds[tuple(ref[keys])].items()}
+        test = stats.paired({s: _num(v) for s, v in mine.items()}, {s: _num(v) for s, v in theirs.items()})
+        results.append({"reference": ref.recipe, "compared": figure, "delta_mean": test.mean,
+                        "delta_ci95": test.ci95, "p_value": test.p_value, "significant": None,
+                        "pairs": test.n})
+    cmp = pd.DataFrame(results, index=out.index)
+    # Holm within each family: every row compared with the same reference in one pair group.
+    cmp["p_holm"] = math.nan
+    families = out.assign(_ref=cmp.reference).groupby(PAIR + ["experiment", "_ref"], dropna=True).groups
+    for index in families.values():
+        index = list(index)
+        adjusted = stats.holm(cmp.loc[index, "p_value"].tolist())
+        cmp.loc[index, "p_holm"] = adjusted
+    for i in cmp.index:
+        n = cmp.at[i, "pairs"]
+        if n >= stats.MIN_PAIRS and not math.isnan(cmp.at[i, "p_holm"]):
+            cmp.at[i, "significant"] = bool(cmp.at[i, "p_holm"] < 1 - stats.CONFIDENCE)
+    return pd.concat([out, cmp], axis=1)
+
+
+def _num(value: Any) -> float:
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        return math.nan
+
+
+def _ratio(a: Any, b: Any) -> float:
+    a, b = _num(a), _num(b)
+    return a / b if b and not math.isnan(a) and not math.isnan(b) else math.nan
+
+
+def _relative(out: pd.DataFrame) -> pd.DataFrame:
+    """% of the teacher's quality retained; compression ratios and speed-ups against the
+    teacher and against the reference (the uncompressed student)."""
+    latency = [c[:-5] for c in out.columns if c.startswith("latency_b") and c.endswith("_ms_mean")
+               and "_iqr_" not in c]
+    extra: dict[str, list[float]] = {k: [] for k in ["retained_pct", "bytes_ratio_teacher", "params_ratio_teacher",
+                                                    "bytes_ratio_reference", "params_ratio_reference"]}
+    for lat in latency:
+        extra[f"speedup_reference_{lat.split('_')[1]}"] = []
+    for _, row in out.iterrows():
+        same = out[(out.task == row.task) & (out.teacher == row.teacher)
+                   & (out.fingerprint == row.fingerprint) & (out.experiment == row.experiment)]
+        teacher = same[same.is_teacher]
+        t = teacher.iloc[0] if len(teacher) else None
+        q = f"test_{row.metric}_mean"
+        if t is not None and q in out:
+            ratio = _ratio(row[q], t[q]) if row.higher_is_better else _ratio(t[q], row[q])
+            extra["retained_pct"].append(100 * ratio)
+        else:
+            extra["retained_pct"].append(math.nan)
+        extra["bytes_ratio_teacher"].append(_ratio(t["size_bytes_mean"], row.get("size_bytes_mean"))
+                                            if t is not None and "size_bytes_mean" in out else math.nan)
+        extra["params_ratio_teacher"].append(_ratio(t["params_mean"], row.get("params_mean"))
+                                             if t is not None and "params_mean" in out else math.nan)
+        ref = same[(same.recipe == row.reference) & (same.student == row.student)] if row.reference else same[:0]
+        if row.reference == "teacher":
+            ref = teacher
+        r = ref.iloc[0] if len(ref) else None
+        extra["bytes_ratio_reference"].append(_ratio(r["size_bytes_mean"], row.get("size_bytes_mean"))
+                                              if r is not None and "size_bytes_mean" in out else math.nan)
+        extra["params_ratio_reference"].append(_ratio(r["params_mean"], row.get("params_mean"))
+                                               if r is not None and "params_mean" in out else math.nan)
+        for lat in latency:
+            # Medians of two cells timed apart: a ratio of medians, not a paired ratio.
+            extra[f"speedup_reference_{lat.split('_')[1]}"].append(
+                _ratio(r[f"{lat}_mean"], row[f"{lat}_mean"]) if r is not None else math.nan)
+    return out.assign(**extra)
+
+
+def _rank_and_front(out: pd.DataFrame) -> pd.DataFrame:
+    out = out.copy()
+    out["rank"] = math.nan
+    for _, g in out[~out.is_teacher].groupby(PAIR):
+        figure = g.iloc[0]["compared"]
+        col = f"{figure}_mean"
+        if col not in g:
+            continue
+        higher = direction(figure, g.iloc[0]["metric"], bool(g.iloc[0]["higher_is_better"]))
+        out.loc[g.index, "rank"] = stats.ranks(g[col].tolist(), higher)
+    for cost in ("size_bytes", "latency_b1_ms"):
+        out[f"pareto_{cost}"] = False
+        for _, g in out.groupby(["task", "fingerprint"]):
+            q = f"test_{g.iloc[0]['metric']}_mean"
+            if q in g and f"{cost}_mean" in g:
+                out.loc[g.index, f"pareto_{cost}"] = stats.pareto_mask(
+                    g[q].tolist(), g[f"{cost}_mean"].tolist(), bool(g.iloc[0]["higher_is_better"]))
+    return out
+
+
+def aggregate_ranks(summary: pd.DataFrame) -> pd.DataFrame:
+    """Mean rank of each recipe over the (task, pair, fingerprint) groups it was ranked in,
+    as MTEB aggregates across tasks. A recipe missing from some groups gets no mean rank
+    (a mean over fewer, perhaps easier, groups would flatter it); ``groups`` says how many."""
+    students = summary[~summary.is_teacher & summary["rank"].notna()]
+    if students.empty:
+        return pd.DataFrame(columns=["recipe", "mean_rank", "groups", "of", "ranks"])
+    total = students.groupby(PAIR).ngroups
+    rows = []
+    for recipe, g in students.groupby("recipe", sort=False):
+        ranks = g["rank"].tolist()
+        rows.append({"recipe": recipe, "groups": len(ranks), "of": total,
+                     "mean_rank": float(np.mean(ranks)) if len(ranks) == total else math.nan,
+                     "ranks": ", ".join(f"{r:g}" for r in ranks)})
+    return pd.DataFrame(rows).sort_values(["mean_rank", "recipe"], na_position="last").reset_index(drop=True)

@@ -1,0 +1,230 @@
+"""The summary frame as tables a reader can take in: one table per (group, protocol), figures
+printed with their spread, the paired comparison spelled out, notes for every mark."""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Sequence
+from typing import Any
+
+import pandas as pd
+
+from . import stats
+from .document import Block, Paragraph, Table
+from .protocol import describe, differences
+
+#: Figures shown after the task metric and comparison, in order: (column, label, style).
+#: ``pct``: fractions as percentages; ``int``: counts; ``kib``: bytes in KiB; ``x``: ratios.
+FIGURES: list[tuple[str, str, str]] = [
+    ("teacher_agreement", "agree %", "pct"),
+    ("params", "params", "int"),
+    ("nonzero_params", "non-zero", "int"),
+    ("size_bytes", "file KiB", "kib"),
+    ("flops", "FLOPs", "int"),
+    ("latency_b1_ms", "b1 ms", "ms"),
+    ("latency_b256_ms", "b256 ms", "ms"),
+    ("speedup_b1", "× teacher b1", "x"),
+    ("speedup_b256", "× teacher b256", "x"),
+    ("train_seconds", "train s", "s"),
+]
+#: Single-valued relative figures (from means), shown after the measured ones.
+RELATIVE: list[tuple[str, str]] = [
+    ("retained_pct", "% of teacher"),
+    ("bytes_ratio_teacher", "teacher/file"),
+]
+
+
+def is_fraction(metric: str) -> bool:
+    return metric.endswith(("accuracy", "agreement"))
+
+
+def fmt(mean: Any, std: Any, style: str) -> str:
+    if mean is None or (isinstance(mean, float) and math.isnan(mean)):
+        return "-"
+    std = 0.0 if std is None or (isinstance(std, float) and math.isnan(std)) else std
+    if style == "pct":
+        return f"{100 * mean:.2f} ± {100 * std:.2f}"
+    if style == "kib":
+        return f"{mean / 1024:.1f}" + (f" ± {std / 1024:.1f}" if std else "")
+    if style == "int":
+        return f"{mean:,.0f}" + (f" ± {std:,.0f}" if std else "")
+    if style == "ms":
+        return f"{mean:.3f} ± {std:.3f}"
+    if style == "s":
+        return f"{mean:.1f} ± {std:.1f}"
+    if style == "x":
+        return f"{mean:.2f} ± {std:.2f}"
+    return f"{mean:.3f} ± {std:.3f}"
+
+
+def _signed(value: float, scale: float, digits: int) -> str:
+    return f"{value * scale:+.{digits}f}".replace("-", "−")
+
+
+def delta_cell(row: dict[str, Any]) -> str:
+    """``+0.87 [−0.30, +2.04] ✓``: paired mean difference, its 95% interval, and a mark when
+    the Holm-adjusted p is below 0.05 with at least ``MIN_PAIRS`` seeds."""
+    if row.get("reference") is None or (isinstance(row.get("delta_mean"), float) and math.isnan(row["delta_mean"])):
+        return "(reference)" if row.get("reference") == row.get("recipe") else "-"
+    figure = row["compared"]
+    scale, digits = (100, 2) if is_fraction(figure) else (1, 3)
+    text = _signed(row["delta_mean"], scale, digits)
+    if not math.isnan(row["delta_ci95"]):
+        lo, hi = row["delta_mean"] - row["delta_ci95"], row["delta_mean"] + row["delta_ci95"]
+        text += f" [{_signed(lo, scale, digits)}, {_signed(hi, scale, digits)}]"
+    return text + mark(row)
+
+
+def mark(row: dict[str, Any]) -> str:
+    sig = row.get("significant")
+    if sig is None or (isinstance(sig, float) and math.isnan(sig)):
+        return f" (n={int(row.get('pairs') or 0)})"
+    return " ✓" if sig else ""
+
+
+def p_cell(row: dict[str, Any]) -> str:
+    p = row.get("p_value")
+    if p is None or math.isnan(p):
+        return "-"
+    return f"{p:.3f}" if p >= 0.001 else "<0.001"
+
+
+def _metric_cells(row: dict[str, Any], figure: str) -> tuple[str, str]:
+    style = "pct" if is_fraction(figure) else "num"
+    mean, std, ci = row.get(f"{figure}_mean"), row.get(f"{figure}_std"), row.get(f"{figure}_ci95")
+    if ci is None or (isinstance(ci, float) and math.isnan(ci)) or mean is None or math.isnan(mean):
+        interval = "-"
+    elif style == "pct":
+        interval = f"[{100 * (mean - ci):.2f}, {100 * (mean + ci):.2f}]"
+    else:
+        interval = f"[{mean - ci:.3f}, {mean + ci:.3f}]"
+    return fmt(mean, std, style), interval
+
+
+def leaderboard_table(rows: pd.DataFrame, caption: str = "") -> Table:
+    """One protocol's rows (teacher first) as a table."""
+    first = rows.iloc[0]
+    figure = first["compared"] if "compared" in rows else f"test_{first['metric']}"
+    metric = figure.removeprefix("test_")
+    label = metric + (" %" if is_fraction(metric) else "")
+    direction = "↑" if stats_direction(rows, figure) else "↓"
+    references = sorted({r for r in rows["reference"].dropna()} - {"teacher"}) + (
+        ["teacher"] if "teacher" in set(rows["reference"].dropna()) else [])
+    ref_label = "/".join(references) or "reference"
+    multi_student = rows.loc[~rows.is_teacher, "student"].nunique() > 1
+    multi_teacher = rows["teacher"].nunique() > 1
+    columns = (["teacher"] if multi_teacher else []) + (["student"] if multi_student else []) + [
+        "recipe", "n", f"{label} {direction}", "95% CI", f"Δ vs {ref_label} [95% CI]", "p", "rank"]
+    figures = [f for f in FIGURES if f"{f[0]}_mean" in rows and rows[f"{f[0]}_mean"].notna().any()]
+    relative = [f for f in RELATIVE if f[0] in rows and rows[f[0]].notna().any()]
+    columns += [lab for _, lab, _ in figures] + [lab for _, lab in relative]
+    cells, numbers = [], []
+    for row in rows.to_dict("records"):
+        # The teacher's row needs no markup: its recipe cell says "teacher" and it comes first.
+        recipe = row["recipe"] + ("" if row.get("materialized", True) else " †")
+        recipe += " ‡" if (row.get("sparse_tensors_mean") or 0) > 0 else ""
+        recipe += " ◆" if row.get("pareto_size_bytes") or row.get("pareto_latency_b1_ms") else ""
+        value, interval = _metric_cells(row, figure)
+        line = ([row["teacher"]] if multi_teacher else []) + ([row["student"]] if multi_student else []) + [
+            recipe, str(row["n"]), value, interval,
+            "-" if row["is_teacher"] else delta_cell(row), "-" if row["is_teacher"] else p_cell(row),
+            "-" if math.isnan(row.get("rank", math.nan)) else f"{row['rank']:g}"]
+        line += [fmt(row[f"{key}_mean"], row[f"{key}_std"], style) for key, _, style in figures]
+        line += [_relative(row[key], key) for key, _ in relative]
+        cells.append(line)
+        nums: list[float | None] = [None] * (len(line) - len(figures) - len(relative))
+        nums[columns.index("n")] = row["n"]
+        nums[columns.index(f"{label} {direction}")] = _clean(row.get(f"{figure}_mean"))
+        nums[columns.index(f"Δ vs {ref_label} [95% CI]")] = _clean(row.get("delta_mean"))
+        nums[columns.index("p")] = _clean(row.get("p_value"))
+        nums[columns.index("rank")] = _clean(row.get("rank"))
+        numbers.append(nums + [_clean(row[f"{key}_mean"]) for key, _, _ in figures]
+                       + [_clean(row[key]) for key, _ in relative])
+    return Table(columns=columns, rows=cells, caption=caption, notes=table_notes(rows, figure), numbers=numbers)
+
+
+def stats_direction(rows: pd.DataFrame, figure: str) -> bool:
+    from .summary import direction
+    first = rows.iloc[0]
+    return direction(figure, first["metric"], bool(first["higher_is_better"]))
+
+
+def _clean(value: Any) -> float | None:
+    try:
+        value = float(value)
+    except (TypeError, ValueError):
+        return None
+    return None if math.isnan(value) else value
+
+
+def _relative(value: Any, key: str) -> str:
+    if value is None or math.isnan(value):
+        return "-"
+    return f"{value:.1f}" if key == "retained_pct" else f"{value:.2f}×"
+
+
+def table_notes(rows: pd.DataFrame, figure: str) -> list[str]:
+    notes = [
+        "Mean ± standard deviation over n seeds, test split; 95% CI: Student-t interval of the mean. "
+        "Δ: mean of the per-seed differences to the reference recipe (paired by seed) with its "
+        "95% t interval; p: two-sided paired t-test; ✓: significant at 0.05 after Holm's "
+        f"correction over the rows compared with the same reference; (n=k): fewer than "
+        f"{stats.MIN_PAIRS} seed pairs, too few to test. Rank 1 is best on {figure}, among rows "
+        "of the same pair and protocol; ties share the mean rank.",
+        "Latency: median of interleaved repeats on the CPU; × teacher: median ratio of teacher to "
+        "model time, the two timed back to back. FLOPs count a multiply-add as 2. % of teacher: "
+        "the task metric as a share of the teacher's (teacher / model for lower-is-better metrics); "
+        "teacher/file: the teacher's file size over the model's.",
+    ]
+    if "materialized" in rows and not rows["materialized"].all():
+        notes.append("† simulated compression (masks, fake quantization): dense kernels still run "
+                     "the full computation, so it is not faster.")
+    if "sparse_tensors_mean" in rows and (rows["sparse_tensors_mean"].fillna(0) > 0).any():
+        notes.append("‡ the file stores its sparse weight matrices in CSR form (int32 indices), "
+                     "where that is smaller than dense.")
+    if any(rows.get("pareto_size_bytes", [])) or any(rows.get("pareto_latency_b1_ms", [])):
+        notes.append("◆ on the Pareto front of quality against file size or batch-1 latency "
+                     "(no other row of this protocol is at least as good and as cheap).")
+    return notes
+
+
+def leaderboard_blocks(summary: pd.DataFrame, by: Sequence[str] = ("task",)) -> list[Block]:
+    """Tables per value of ``by`` and per protocol fingerprint, each under a caption that
+    names the group and the protocol; a paragraph explains where protocols differ."""
+    blocks: list[Block] = []
+    if summary.empty:
+        return [Paragraph("No finished cells in the store yet.")]
+    by = list(by)
+    for key, group in summary.groupby(by, sort=False):
+        key = key if isinstance(key, tuple) else (key,)
+        name = ", ".join(f"{b} {k}" for b, k in zip(by, key, strict=True))
+        prints = list(dict.fromkeys(group["fingerprint"]))
+        if len(prints) > 1:
+            protos = [json.loads(group[group.fingerprint == fp].iloc[0]["protocol"]) for fp in prints]
+            lines = [f"{fp} vs {prints[0]}: " + "; ".join(differences(protos[0], proto))
+                     for fp, proto in zip(prints[1:], protos[1:], strict=True)]
+            blocks.append(Paragraph(f"{name}: rows measured under {len(prints)} protocols are shown in "
+                                    "separate tables and never ranked together. They differ in "
+                                    + " | ".join(lines) + "."))
+        for fp in prints:
+            rows = group[group.fingerprint == fp]
+            proto = json.loads(rows.iloc[0]["protocol"])
+            students = rows[~rows.is_teacher]
+            pair = ""
+            if rows["teacher"].nunique() == 1 and students["student"].nunique() <= 1:
+                pair = f": {rows.iloc[0]['teacher']} → {students.iloc[0]['student'] if len(students) else '-'}"
+            table = leaderboard_table(rows, f"{name}{pair} (protocol {fp})")
+            table.notes.insert(0, f"Protocol {fp}: {describe(proto)}.")
+            blocks.append(table)
+    return blocks
+
+
+def ranks_table(aggregate: pd.DataFrame) -> Table:
+    rows = [[r["recipe"], "-" if math.isnan(r["mean_rank"]) else f"{r['mean_rank']:.2f}",
+             f"{r['groups']} of {r['of']}", r["ranks"]] for r in aggregate.to_dict("records")]
+    return Table(columns=["recipe", "mean rank", "groups", "ranks"], rows=rows,
+                 caption="Aggregate rank: mean of the per-group ranks over every (task, pair, protocol) group",
+                 notes=["A recipe missing from some groups gets no mean rank: a mean over fewer, "
+                        "perhaps easier, groups would flatter it."],
+                 numbers=[[None, _clean(r["mean_rank"]), r["groups"], None] for r in aggregate.to_dict("records")])

@@ -1,0 +1,142 @@
+"""``kdbench leaderboard`` in every format and ``kdbench report`` end to end, on a real run."""
+
+from __future__ import annotations
+
+import io
+import json
+
+import pandas as pd
+import pytest
+
+from kdbench.cli import main
+from test_report_render import DomReader, chromium
+
+# A recipe name with characters HTML, Markdown and LaTeX treat as markup: every output must
+# show it as text.
+EXPERIMENT = """
+name: tiny-report
+seeds: [0, 1, 2]
+tasks: [digits]
+pairs:
+  - teacher: {name: mlp, hidden: [64]}
+    student: {name: mlp, hidden: [16]}
+recipes:
+  scratch: [train]
+  kd<i>&co_50%: [{distill: {name: hinton, temperature: 4, alpha: 0.9}}]
+  kd+int8: [{distill: hinton}, {quantize: dynamic-int8}]
+training: {epochs: 2, batch_size: 64}
+measure: {latency_repeats: 2, latency_warmup: 1, latency_batch_sizes: [1, 32]}
+"""
+ODD = "kd<i>&co_50%"
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    """One real run shared by the tests: 3 seeds, a teacher and 3 recipes."""
+    root = tmp_path_factory.mktemp("report")
+    path = root / "tiny-report.yaml"
+    path.write_text(EXPERIMENT)
+    db = str(root / "r.db")
+    assert main(["run", str(path), "--store", db, "--cache-dir", str(root / "cache"), "--quiet"]) == 0
+    return path, db, root
+
+
+def board(capsys, db, *args) -> str:
+    capsys.readouterr()
+    assert main(["leaderboard", "--store", db, *args]) == 0
+    return capsys.readouterr().out
+
+
+def test_csv_and_json_hold_every_statistic(run, capsys):
+    _, db, _ = run
+    table = pd.read_csv(io.StringIO(board(capsys, db, "--format", "csv")))
+    assert list(table["recipe"]) == ["teacher", "scratch", ODD, "kd+int8"]
+    assert {"test_accuracy_mean", "test_accuracy_std", "test_accuracy_ci95", "delta_mean", "p_value",
+            "significant", "rank", "fingerprint", "retained_pct", "bytes_ratio_teacher"} <= set(table.columns)
+    assert (table["n"] == 3).all()
+    data = json.loads(board(capsys, db, "--format", "json"))
+    rows = {r["recipe"]: r for r in data["rows"]}
+    assert rows[ODD]["reference"] == "scratch" and rows["teacher"]["reference"] is None
+    assert rows[ODD]["protocol"]["budget"]["epochs"] == 2
+    assert rows[ODD]["protocol"]["latency"]["batch_sizes"] == [1, 32]
+    assert len(data["cells"]) == 12 and all("config" in c for c in data["cells"])
+    assert rows["scratch"]["test_accuracy_mean"] == pytest.approx(
+        table.set_index("recipe").loc["scratch", "test_accuracy_mean"])
+
+
+def test_markdown_latex_and_html_show_the_same_number(run, capsys):
+    _, db, _ = run
+    table = pd.read_csv(io.StringIO(board(capsys, db, "--format", "csv"))).set_index("recipe")
+    number = f"{100 * table.loc['scratch', 'test_accuracy_mean']:.2f} ± {100 * table.loc['scratch', 'test_accuracy_std']:.2f}"
+    md = board(capsys, db)
+    assert number in md and "kd\\<i\\>&co_50%" in md
+    latex = board(capsys, db, "--format", "latex")
+    assert "\\toprule" in latex and "\\bottomrule" in latex
+    assert "kd\\textless{}i\\textgreater{}\\&co\\_50\\%" in latex
+    assert number.replace(" ± ", " $\\pm$ ") in latex
+    html = board(capsys, db, "--format", "html")
+    assert "<script" not in html and "kd&lt;i&gt;&amp;co_50%" in html and number in html
+
+
+def test_filters_reference_metric_and_grouping(run, capsys):
+    _, db, _ = run
+    kd_only = pd.read_csv(io.StringIO(board(capsys, db, "--format", "csv", "--recipe", "kd*")))
+    # The teacher's row stays with any recipe filter; without scratch the teacher is the reference.
+    assert list(kd_only["recipe"]) == ["teacher", ODD, "kd+int8"]
+    assert set(kd_only["reference"].dropna()) == {"teacher"}
+    chosen = pd.read_csv(io.StringIO(board(capsys, db, "--format", "csv", "--reference", "kd+int8",
+                                           "--metric", "teacher_agreement")))
+    odd = chosen.set_index("recipe").loc[ODD]
+    assert odd["reference"] == "kd+int8" and odd["compared"] == "teacher_agreement"
+    md = board(capsys, db, "--by", "recipe")
+    assert md.count("(protocol ") == 4  # one table per recipe
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--reference", "scrach"], "did you mean 'scratch'"),
+    (["--metric", "test_acuracy"], "did you mean 'test_accuracy'"),
+    (["--by", "tsk"], "did you mean 'task'"),
+    (["--task", "nothing*"], "no finished cells match"),
+    (["--experiment", "tiny-reprot"], "did you mean 'tiny-report'"),
+])
+def test_bad_options_name_the_fix_and_exit_2(run, capsys, args, message):
+    _, db, _ = run
+    assert main(["leaderboard", "--store", db, *args]) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_report_folder_has_everything_and_opens_in_a_browser(run, capsys):
+    path, db, root = run
+    out = root / "published"
+    assert main(["report", str(path), "--store", db, "--output", str(out)]) == 0
+    names = {p.name for p in out.iterdir()}
+    assert {"README.md", "index.html", "leaderboard.csv", "leaderboard.json", "figures"} <= names
+    pngs = sorted((out / "figures").glob("*.png"))
+    assert pngs and all(p.with_suffix(".svg").exists() for p in pngs)
+    readme = (out / "README.md").read_text()
+    # The file given regenerates every stored row; the command that wrote the folder is there.
+    assert "this file regenerates 9 of the 9 stored student rows" in readme
+    assert f"kdbench report {path} --store {db} --output {out}" in readme
+    assert "name: tiny-report" in readme and "torch:" in readme
+    for png in pngs:
+        assert f"figures/{png.name}" in readme
+    html = (out / "index.html").read_text()
+    assert "http://" not in html and "https://" not in html
+
+    # What a reader of index.html sees, in a real browser: the leaderboard's numbers, the odd
+    # name as text, every figure embedded.
+    dom = DomReader()
+    dom.feed(chromium(out / "index.html", "--dump-dom"))
+    table = pd.read_csv(out / "leaderboard.csv").set_index("recipe")
+    by_recipe = {r[0].split(" ")[0]: r for r in dom.rows if r}
+    expected = f"{100 * table.loc['kd+int8', 'test_accuracy_mean']:.2f} ± {100 * table.loc['kd+int8', 'test_accuracy_std']:.2f}"
+    assert expected in by_recipe["kd+int8"]
+    assert ODD in by_recipe and dom.scripts == 0
+    assert len(dom.images) == len(pngs) and all(i["src"].startswith("data:image/png;base64,") for i in dom.images)
+
+
+def test_report_without_the_experiment_file_says_so(run, capsys, tmp_path):
+    _, db, _ = run
+    assert main(["report", "--store", db, "--output", str(tmp_path / "r")]) == 0
+    readme = (tmp_path / "r" / "README.md").read_text()
+    assert "the file is not available here" in readme
