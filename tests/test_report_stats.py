@@ -65,3 +65,11 @@ def test_pareto_set_for_both_directions():
 def test_ranks_share_ties_and_follow_the_direction():
     assert stats.ranks([0.9, 0.95, 0.9, math.nan]) == pytest.approx([2.5, 1.0, 2.5, math.nan], nan_ok=True)
     assert stats.ranks([2.5, 2.4, 2.6], higher_is_better=False) == [2.0, 1.0, 3.0]
+
+
+def test_costs_within_their_noise_count_as_equal_on_the_front():
+    # Same architecture, latencies 1.0 +- 0.3 and 0.9 +- 0.3: the cheaper-looking one is not
+    # on the front because of noise; the better one is. Without tolerance both would be.
+    quality, latency, ci = [0.92, 0.90, 0.80], [1.0, 0.9, 0.2], [0.3, 0.3, 0.01]
+    assert stats.pareto_mask(quality, latency) == [True, True, True]
+    assert stats.pareto_mask(quality, latency, cost_tolerance=ci) == [True, False, True]

@@ -189,3 +189,13 @@ def test_every_kdbench_package_ships_in_the_wheel():
     listed = set(tomllib.loads((root / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"])
     packages = {".".join(p.parent.relative_to(root).parts) for p in (root / "kdbench").rglob("__init__.py")}
     assert packages <= listed, f"add {sorted(packages - listed)} to [tool.setuptools] packages"
+
+
+def test_epoch_figures_are_dropped_where_a_compression_stage_ends_the_recipe():
+    trained = record("kd", 0, {"test_accuracy": 0.9, "last_epoch_test_accuracy": 0.89})
+    trained.stages = [{"op": "distill"}]
+    quantized = record("kd+int8", 0, {"test_accuracy": 0.88, "last_epoch_test_accuracy": 0.89})
+    quantized.stages = [{"op": "distill"}, {"op": "quantize"}]
+    df = frame([trained, quantized]).set_index("recipe")
+    assert df.loc["kd", "last_epoch_test_accuracy"] == 0.89
+    assert math.isnan(df.loc["kd+int8", "last_epoch_test_accuracy"])

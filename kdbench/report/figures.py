@@ -144,7 +144,9 @@ def pareto_figure(summary: pd.DataFrame, cost: str, cost_label: str, out_stem: P
     real = _flag(summary, "materialized", True)[keep]
     # The teacher takes part: a student that costs more than the teacher and scores worse is
     # no option, and a student that beats the teacher at lower cost is the headline.
-    front = np.array(pareto_mask(y, x, higher), dtype=bool)
+    # Costs whose 95% intervals overlap count as equal, as in the leaderboard's ◆ marks.
+    tolerance = _numbers(summary, f"{cost}_ci95")[keep] if f"{cost}_ci95" in summary else None
+    front = np.array(pareto_mask(y, x, higher, tolerance), dtype=bool)
     # Cost order; among equal costs the better one first, as the step line reads.
     order = sorted(np.flatnonzero(front), key=lambda i: (x[i], -y[i] if higher else y[i]))
 

@@ -88,18 +88,27 @@ def holm(p_values: Sequence[float]) -> list[float]:
     return adjusted
 
 
-def pareto_mask(quality: Sequence[float], cost: Sequence[float], higher_is_better: bool = True) -> list[bool]:
+def pareto_mask(quality: Sequence[float], cost: Sequence[float], higher_is_better: bool = True,
+                cost_tolerance: Sequence[float] | None = None) -> list[bool]:
     """True for the points no other point dominates: at least as good in quality and at most
-    as costly, strictly better in one. NaN points are never on the front."""
+    as costly, strictly better in one. NaN points are never on the front.
+
+    ``cost_tolerance`` (e.g. each cost's 95% half-width) makes two costs whose intervals
+    overlap count as equal, so that measurement noise (the latency of two identical
+    architectures) cannot put a point on the front; the better quality then decides.
+    """
     q = np.asarray(quality, dtype=float) * (1 if higher_is_better else -1)
     c = np.asarray(cost, dtype=float)
+    tol = np.zeros_like(c) if cost_tolerance is None else np.nan_to_num(np.asarray(cost_tolerance, dtype=float))
     valid = ~(np.isnan(q) | np.isnan(c))
     mask = []
     for i in range(len(q)):
         if not valid[i]:
             mask.append(False)
             continue
-        dominated = valid & (q >= q[i]) & (c <= c[i]) & ((q > q[i]) | (c < c[i]))
+        tie = np.abs(c - c[i]) <= tol + tol[i]
+        cheaper = (c < c[i]) & ~tie
+        dominated = valid & (q >= q[i]) & (cheaper | tie) & ((q > q[i]) | cheaper)
         mask.append(not dominated.any())
     return mask
 

@@ -84,10 +84,15 @@ def frame(records: Sequence[Record], plugins=None) -> pd.DataFrame:
         if not r.ok:
             continue
         metric, higher = task_metric(r, plugins)
+        metrics = dict(r.metrics)
+        if r.stages and r.stages[-1].get("op") not in ("train", "distill", "finetune"):
+            # Epoch figures describe the model before the final compression, not the one measured.
+            for key in [k for k in metrics if k.startswith(("last_epoch_", "chosen_epoch"))]:
+                del metrics[key]
         rows.append({**{k: getattr(r, k) for k in GROUP + ["seed", "role", "cell_id"]},
                      "fingerprint": fingerprint(protocol(r, plugins)) if r.role == "student" else None,
                      "protocol": json.dumps(protocol(r, plugins), sort_keys=True, default=str),
-                     "metric": metric, "higher_is_better": higher, **r.metrics})
+                     "metric": metric, "higher_is_better": higher, **metrics})
     df = pd.DataFrame(rows)
     if df.empty:
         return df
@@ -271,7 +276,8 @@ def _rank_and_front(out: pd.DataFrame) -> pd.DataFrame:
             q = f"test_{g.iloc[0]['metric']}_mean"
             if q in g and f"{cost}_mean" in g:
                 out.loc[g.index, f"pareto_{cost}"] = stats.pareto_mask(
-                    g[q].tolist(), g[f"{cost}_mean"].tolist(), bool(g.iloc[0]["higher_is_better"]))
+                    g[q].tolist(), g[f"{cost}_mean"].tolist(), bool(g.iloc[0]["higher_is_better"]),
+                    g[f"{cost}_ci95"].tolist() if f"{cost}_ci95" in g else None)
     return out
 
 

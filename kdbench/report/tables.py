@@ -116,8 +116,15 @@ def leaderboard_table(rows: pd.DataFrame, caption: str = "") -> Table:
     multi_teacher = rows["teacher"].nunique() > 1
     columns = (["teacher"] if multi_teacher else []) + (["student"] if multi_student else []) + [
         "recipe", "n", f"{label} {direction}", "95% CI", f"Δ vs {ref_label} [95% CI]", "p", "rank"]
-    figures = [f for f in FIGURES if f"{f[0]}_mean" in rows and rows[f"{f[0]}_mean"].notna().any()]
+    last = f"last_epoch_{figure}"
+    figures = ([(last, "last epoch", "pct" if is_fraction(metric) else "num")]
+               if f"{last}_mean" in rows and figure.startswith("test_") else [])
+    figures += [f for f in FIGURES if f"{f[0]}_mean" in rows and rows[f"{f[0]}_mean"].notna().any()]
     relative = [f for f in RELATIVE if f[0] in rows and rows[f[0]].notna().any()]
+    if _differs_from_teacher(rows):
+        # Compressed students of a student: their size and speed against the uncompressed one.
+        relative += [("bytes_ratio_reference", "ref/file")]
+        relative += [(c, f"× ref {c.rsplit('_', 1)[1]}") for c in ("speedup_reference_b1",) if c in rows]
     columns += [lab for _, lab, _ in figures] + [lab for _, lab in relative]
     cells, numbers = [], []
     for row in rows.to_dict("records"):
@@ -144,6 +151,16 @@ def leaderboard_table(rows: pd.DataFrame, caption: str = "") -> Table:
     return Table(columns=columns, rows=cells, caption=caption, notes=table_notes(rows, figure), numbers=numbers)
 
 
+def _differs_from_teacher(rows: pd.DataFrame) -> bool:
+    """Whether the reference-relative sizes say something the teacher-relative ones do not."""
+    if "bytes_ratio_reference" not in rows:
+        return False
+    ref, teacher = rows["bytes_ratio_reference"], rows["bytes_ratio_teacher"]
+    known = ref.notna()
+    return bool(known.any() and ((ref[known] - 1).abs() > 1e-6).any()
+                and ((ref[known] - teacher[known]).abs() > 1e-6).any())
+
+
 def stats_direction(rows: pd.DataFrame, figure: str) -> bool:
     from .summary import direction
     first = rows.iloc[0]
@@ -161,7 +178,7 @@ def _clean(value: Any) -> float | None:
 def _relative(value: Any, key: str) -> str:
     if value is None or math.isnan(value):
         return "-"
-    return f"{value:.1f}" if key == "retained_pct" else f"{value:.2f}×"
+    return f"{value:.1f}" if key == "retained_pct" else f"{value:.2f}×"  # ratios
 
 
 def table_notes(rows: pd.DataFrame, figure: str) -> list[str]:
@@ -175,7 +192,10 @@ def table_notes(rows: pd.DataFrame, figure: str) -> list[str]:
         "Latency: median of interleaved repeats on the CPU; × teacher: median ratio of teacher to "
         "model time, the two timed back to back. FLOPs count a multiply-add as 2. % of teacher: "
         "the task metric as a share of the teacher's (teacher / model for lower-is-better metrics); "
-        "teacher/file: the teacher's file size over the model's.",
+        "teacher/file: the teacher's file size over the model's; ref/file and × ref b1: the same "
+        "against the reference row (a ratio of medians of cells timed apart, not paired); last "
+        "epoch: the test metric of the last epoch, where the main column is that of the epoch "
+        "the validation split chose.",
     ]
     if "materialized" in rows and not rows["materialized"].all():
         notes.append("† simulated compression (masks, fake quantization): dense kernels still run "
