@@ -224,6 +224,31 @@ def cmd_report(args) -> int:
     return 0
 
 
+def cmd_published(args) -> int:
+    import fnmatch
+
+    from .report import render
+    from .report.document import Table
+    from .report.published import published
+
+    data = published()
+    for flag, column in (("teacher", "teacher_arch"), ("student", "student_arch"), ("method", "method")):
+        pattern = getattr(args, flag)
+        if pattern:
+            data = data[[fnmatch.fnmatchcase(v.lower(), pattern.lower()) for v in data[column]]]
+    if data.empty:
+        raise KdbenchError("no published result matches; 'kdbench published' lists them all")
+    if args.format == "csv":
+        print(data.to_csv(index=False), end="")
+        return 0
+    rows = [[r.dataset, r.teacher_arch, r.student_arch, r.method, f"{r.top1:.2f}", r.source]
+            for r in data.itertuples()]
+    sources = sorted(set(zip(data.source, data.url, strict=True)))
+    print(render.to_markdown([Table(["dataset", "teacher", "student", "method", "top-1 %", "source"], rows,
+                                    notes=[f"{s}: {u}" for s, u in sources])]), end="")
+    return 0
+
+
 def default_title(records) -> str:
     names = list(dict.fromkeys(r.experiment for r in records))
     return "kdbench report: " + ", ".join(names)
@@ -353,6 +378,14 @@ def build_parser() -> argparse.ArgumentParser:
     report.add_argument("--output", required=True, help="the report folder (created)")
     report.add_argument("--title", help="the report's title (default: names the experiments)")
     report.set_defaults(func=cmd_report)
+
+    pub = sub.add_parser("published", help="published reference results shipped with kdbench "
+                         "(CIFAR-100 tables of RepDistiller/CRD and mdistiller)")
+    pub.add_argument("--teacher", metavar="PATTERN", help="e.g. resnet56 or 'wrn*'")
+    pub.add_argument("--student", metavar="PATTERN")
+    pub.add_argument("--method", metavar="PATTERN", help="e.g. kd, crd, scratch, teacher")
+    pub.add_argument("--format", choices=["md", "csv"], default="md")
+    pub.set_defaults(func=cmd_published)
     return parser
 
 

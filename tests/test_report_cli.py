@@ -140,3 +140,11 @@ def test_report_without_the_experiment_file_says_so(run, capsys, tmp_path):
     assert main(["report", "--store", db, "--output", str(tmp_path / "r")]) == 0
     readme = (tmp_path / "r" / "README.md").read_text()
     assert "the file is not available here" in readme
+
+
+def test_published_results_are_listed_and_filtered(capsys):
+    assert main(["published", "--teacher", "resnet56", "--method", "kd", "--format", "csv"]) == 0
+    table = pd.read_csv(io.StringIO(capsys.readouterr().out))
+    assert set(table["student_arch"]) == {"resnet20"} and set(table["method"]) == {"kd"}
+    assert 70.66 in set(table["top1"])  # RepDistiller README, resnet56 -> resnet20, KD
+    assert main(["published", "--method", "no-such-method"]) == 2

@@ -199,3 +199,13 @@ def test_epoch_figures_are_dropped_where_a_compression_stage_ends_the_recipe():
     df = frame([trained, quantized]).set_index("recipe")
     assert df.loc["kd", "last_epoch_test_accuracy"] == 0.89
     assert math.isnan(df.loc["kd+int8", "last_epoch_test_accuracy"])
+
+
+def test_latency_front_ignores_noise_between_identical_architectures():
+    recs = []
+    for recipe, acc, ms in (("scratch", 0.90, 0.9), ("kd", 0.92, 1.0)):
+        for seed in range(3):
+            recs.append(record(recipe, seed, {"test_accuracy": acc, "latency_b1_ms": ms, "params": 100.0,
+                                              "nonzero_params": 100.0, "size_bytes": 400.0, "flops": 200.0}))
+    s = summarize(frame(recs))
+    assert set(s[s.pareto_latency_b1_ms].recipe) == {"kd"}

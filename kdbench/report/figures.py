@@ -144,9 +144,12 @@ def pareto_figure(summary: pd.DataFrame, cost: str, cost_label: str, out_stem: P
     real = _flag(summary, "materialized", True)[keep]
     # The teacher takes part: a student that costs more than the teacher and scores worse is
     # no option, and a student that beats the teacher at lower cost is the headline.
-    # Costs whose 95% intervals overlap count as equal, as in the leaderboard's ◆ marks.
-    tolerance = _numbers(summary, f"{cost}_ci95")[keep] if f"{cost}_ci95" in summary else None
-    front = np.array(pareto_mask(y, x, higher, tolerance), dtype=bool)
+    if f"pareto_{cost}" in summary:
+        # The summary's front (the leaderboard's ◆), which knows which rows ship the same
+        # architecture and so tie on latency whatever the noise.
+        front = np.asarray(summary[f"pareto_{cost}"].fillna(False), dtype=bool)[keep]
+    else:
+        front = np.array(pareto_mask(y, x, higher), dtype=bool)
     # Cost order; among equal costs the better one first, as the step line reads.
     order = sorted(np.flatnonzero(front), key=lambda i: (x[i], -y[i] if higher else y[i]))
 

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from ..config import embedded_experiments, load_experiment
+from ..config import digest, embedded_experiments, load_experiment
 from ..errors import KdbenchError
 from ..store import Record
 from . import figures, published, render
@@ -92,7 +92,8 @@ def figure_blocks(summary: pd.DataFrame, records: Sequence[Record], out: Path) -
                                        f"(highlighted): {', '.join(front)}"))
         for (teacher, student), pair in rows[~rows.is_teacher].groupby(["teacher", "student"], sort=False):
             pair_rows = pd.concat([rows[rows.is_teacher & (rows.teacher == teacher)], pair])
-            tag = f"{slug(task)}-{fp}-{slug(student)}-{slug(teacher)}"
+            # Short and unique: a readable prefix and a hash of the pair.
+            tag = f"{slug(task)[:24]}-{fp}-{slug(student)[:20]}-{digest([teacher, student])[:6]}"
             title = f"{task}: {teacher} → {student}"
             if len(pair) > 1:
                 stem = Path("figures") / f"{tag}-methods"
@@ -214,7 +215,7 @@ def findings(summary: pd.DataFrame) -> list[Block]:
     for (task, teacher, student, fp), rows in summary[~summary.is_teacher].groupby(
             ["task", "teacher", "student", "fingerprint"], sort=False):
         metric = rows.iloc[0]["compared"]
-        scale = 100 if is_fraction(metric) else 1
+        scale, digits = (100, 2) if is_fraction(metric) else (1, 3)
         unit = " points" if scale == 100 else ""
         higher = bool(rows.iloc[0]["higher_is_better"])
         ref = next((r for r in rows["reference"].dropna()), None)
@@ -227,11 +228,11 @@ def findings(summary: pd.DataFrame) -> list[Block]:
         text = (f"**{task}, {teacher} → {student}** (protocol `{fp}`): best {metric.removeprefix('test_')} "
                 f"from `{best.recipe}`; ")
         text += ("significantly better than `" + ref + "`: " + ", ".join(
-            f"`{r.recipe}` ({r.delta_mean * scale:+.2f}{unit})" for r in better.itertuples())
+            f"`{r.recipe}` ({r.delta_mean * scale:+.{digits}f}{unit})" for r in better.itertuples())
                  if len(better) else f"no recipe is significantly better than `{ref}`")
         if len(worse):
             text += "; significantly worse: " + ", ".join(
-                f"`{r.recipe}` ({r.delta_mean * scale:+.2f}{unit})" for r in worse.itertuples())
+                f"`{r.recipe}` ({r.delta_mean * scale:+.{digits}f}{unit})" for r in worse.itertuples())
         if len(untested):
             text += f"; {len(untested)} row(s) have too few seeds to test"
         lines.append(Paragraph(text + "."))

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Sequence
+from collections.abc import Hashable, Sequence
 
 import numpy as np
 from scipy import stats as _scipy
@@ -89,24 +89,24 @@ def holm(p_values: Sequence[float]) -> list[float]:
 
 
 def pareto_mask(quality: Sequence[float], cost: Sequence[float], higher_is_better: bool = True,
-                cost_tolerance: Sequence[float] | None = None) -> list[bool]:
+                same_cost: Sequence[Hashable | None] | None = None) -> list[bool]:
     """True for the points no other point dominates: at least as good in quality and at most
     as costly, strictly better in one. NaN points are never on the front.
 
-    ``cost_tolerance`` (e.g. each cost's 95% half-width) makes two costs whose intervals
-    overlap count as equal, so that measurement noise (the latency of two identical
-    architectures) cannot put a point on the front; the better quality then decides.
+    Points with equal ``same_cost`` keys (not None) count as equally costly: two rows that ship
+    the same architecture differ in measured latency only by noise, and noise must not put
+    one of them on the front; their quality decides.
     """
     q = np.asarray(quality, dtype=float) * (1 if higher_is_better else -1)
     c = np.asarray(cost, dtype=float)
-    tol = np.zeros_like(c) if cost_tolerance is None else np.nan_to_num(np.asarray(cost_tolerance, dtype=float))
+    keys = list(same_cost) if same_cost is not None else [None] * len(q)
     valid = ~(np.isnan(q) | np.isnan(c))
     mask = []
     for i in range(len(q)):
         if not valid[i]:
             mask.append(False)
             continue
-        tie = np.abs(c - c[i]) <= tol + tol[i]
+        tie = np.array([keys[i] is not None and k == keys[i] for k in keys]) | (c == c[i])
         cheaper = (c < c[i]) & ~tie
         dominated = valid & (q >= q[i]) & (cheaper | tie) & ((q > q[i]) | cheaper)
         mask.append(not dominated.any())

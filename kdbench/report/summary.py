@@ -277,8 +277,18 @@ def _rank_and_front(out: pd.DataFrame) -> pd.DataFrame:
             if q in g and f"{cost}_mean" in g:
                 out.loc[g.index, f"pareto_{cost}"] = stats.pareto_mask(
                     g[q].tolist(), g[f"{cost}_mean"].tolist(), bool(g.iloc[0]["higher_is_better"]),
-                    g[f"{cost}_ci95"].tolist() if f"{cost}_ci95" in g else None)
+                    architecture_keys(g) if cost.startswith("latency") else None)
     return out
+
+
+def architecture_keys(rows: pd.DataFrame) -> list[tuple | None]:
+    """What a row ships, as far as speed goes: parameters, non-zeros, bytes and FLOPs. Rows
+    with equal keys run the same computation; their latencies differ only by noise."""
+    columns = [f"{c}_mean" for c in ("params", "nonzero_params", "size_bytes", "flops")]
+    if not all(c in rows for c in columns):
+        return [None] * len(rows)
+    return [None if any(pd.isna(v) for v in values) else tuple(round(float(v)) for v in values)
+            for values in rows[columns].itertuples(index=False)]
 
 
 def aggregate_ranks(summary: pd.DataFrame) -> pd.DataFrame:
