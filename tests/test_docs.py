@@ -37,5 +37,5 @@ def test_every_hook_is_documented_in_contributing():
 def test_readme_test_command_is_the_one_ci_runs():
     readme = (ROOT / "README.md").read_text()
     ci = (ROOT / ".ci" / "run").read_text()
-    for command in ("pip install torch==2.13.0 -e \".[dev]\"", "python -m pytest"):
+    for command in ("pip install torch==2.13.0 -e \".[dev]\"", "python -m pytest", "kdbench report"):
         assert command in readme and command in ci

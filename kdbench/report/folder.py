@@ -169,7 +169,7 @@ def build_report(records: Sequence[Record], summary: pd.DataFrame, out: Path, *,
     blocks.append(Heading("Leaderboards", 2))
     blocks += leaderboard_blocks(summary, by)
     aggregate = aggregate_ranks(summary)
-    if len(aggregate) and aggregate["of"].iloc[0] > 1:
+    if len(aggregate) and aggregate["of"].iloc[0] > 1 and aggregate["mean_rank"].notna().any():
         blocks += [Heading("Aggregate rank", 2), ranks_table(aggregate)]
     comparison = published.compare(summary)
     if len(comparison):

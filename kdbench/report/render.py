@@ -131,7 +131,7 @@ _CSS = """
 :root { color-scheme: light; --line: #d0d7de; --zebra: #f6f8fa; --head: #eef1f4; }
 body { font: 15px/1.5 system-ui, -apple-system, "Segoe UI", Roboto, sans-serif; color: #1f2328;
        margin: 0; background: #fff; }
-main { max-width: 1200px; margin: 0 auto; padding: 1.5rem 1rem 4rem; }
+main { max-width: 1600px; margin: 0 auto; padding: 1.5rem 1rem 4rem; }
 h1, h2, h3 { line-height: 1.25; } h2 { border-bottom: 1px solid var(--line); padding-bottom: .3rem; }
 code, pre { font: 13px/1.45 ui-monospace, SFMono-Regular, Menlo, Consolas, monospace; }
 p code { background: var(--zebra); padding: .1em .3em; border-radius: 4px; }
@@ -150,7 +150,7 @@ tbody tr:nth-child(even) td { background: var(--zebra); }
 tbody tr:hover td { background: #fff8c5; }
 .num { text-align: right; font-variant-numeric: tabular-nums; }
 p.notes { font-size: 13px; color: #57606a; margin-top: .2rem; }
-figure { margin: 1.5rem 0; } figure img { max-width: 100%; height: auto; }
+figure { margin: 1.5rem 0; } figure img { max-width: min(100%, 1100px); height: auto; }
 figcaption { font-size: 14px; color: #57606a; }
 """
 
