@@ -6,6 +6,7 @@ import re
 import sys
 import types
 from pathlib import Path
+from urllib.parse import unquote
 
 import torch
 
@@ -39,3 +40,13 @@ def test_readme_test_command_is_the_one_ci_runs():
     ci = (ROOT / ".ci" / "run").read_text()
     for command in ("pip install torch==2.13.0 -e \".[dev]\"", "python -m pytest", "kdbench report"):
         assert command in readme and command in ci
+
+
+def test_every_relative_link_of_the_readme_and_the_reports_exists():
+    pages = [ROOT / "README.md", ROOT / "CONTRIBUTING.md", *sorted((ROOT / "leaderboards").glob("*/README.md"))]
+    for page in pages:
+        for target in re.findall(r"\]\(([^)\s]+)\)", page.read_text()):
+            if target.startswith(("http://", "https://", "#", "mailto:")):
+                continue
+            path = (page.parent / unquote(target.split("#")[0])).resolve()
+            assert path.exists(), f"{page.relative_to(ROOT)} links to missing {target}"
