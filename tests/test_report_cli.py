@@ -148,3 +148,28 @@ def test_published_results_are_listed_and_filtered(capsys):
     assert set(table["student_arch"]) == {"resnet20"} and set(table["method"]) == {"kd"}
     assert 70.66 in set(table["top1"])  # RepDistiller README, resnet56 -> resnet20, KD
     assert main(["published", "--method", "no-such-method"]) == 2
+
+
+def test_a_cifar100_crd_run_is_shown_against_the_published_table(tmp_path, capsys):
+    """The paper experiment on files in the official format (random pixels, one epoch): the
+    report finds the RepDistiller and mdistiller numbers of its cells and prints both."""
+    from kdbench_plugins.tasks.cifar import CIFAR100_FILES
+    from test_tasks_images import write_cifar
+
+    write_cifar(tmp_path / "data", CIFAR100_FILES, 300, 100, byte_keys=False)
+    db, out = str(tmp_path / "r.db"), tmp_path / "report"
+    small = ["--set", f"tasks=[{{name: cifar100, root: {tmp_path / 'data'}, val_size: 100}}]",
+             "--set", "pairs=[{teacher: {name: resnet, arch: resnet56}, student: {name: resnet, arch: resnet20}}]",
+             "--set", "recipes={scratch: [train], kd: [{distill: {name: hinton, temperature: 4, alpha: 0.9}}]}",
+             "--set", "seeds=[0]", "--set", "training.epochs=1", "--set", "training.batch_size=50",
+             "--set", "measure={latency_batch_sizes: [1], latency_repeats: 1, latency_warmup: 1}"]
+    assert main(["run", "cifar100-crd", *small, "--store", db, "--cache-dir", str(tmp_path / "cache"),
+                 "--quiet", "--threads", "1"]) == 0
+    assert main(["report", "--store", db, "--output", str(out)]) == 0
+    readme = (out / "README.md").read_text()
+    section = readme[readme.index("## Published and reproduced"):]
+    table = pd.read_csv(out / "leaderboard.csv").set_index("recipe")
+    kd = 100 * table.loc["kd", "test_accuracy_mean"]
+    # RepDistiller's resnet56 -> resnet20 KD is 70.66; the difference is reproduced - published.
+    assert "70.66" in section and f"{kd - 70.66:+.2f}".replace("-", "−") in section
+    assert "69.06" in section and "72.34" in section  # scratch and the teacher
