@@ -209,3 +209,14 @@ def test_latency_front_ignores_noise_between_identical_architectures():
                                               "nonzero_params": 100.0, "size_bytes": 400.0, "flops": 200.0}))
     s = summarize(frame(recs))
     assert set(s[s.pareto_latency_b1_ms].recipe) == {"kd"}
+
+
+def test_rows_of_one_architecture_share_a_pooled_latency():
+    recs = []
+    for recipe, ms in (("a", 0.5), ("b", 1.5), ("c", 0.6)):
+        for seed in range(3):
+            recs.append(record(recipe, seed, {"test_accuracy": 0.9, "latency_b1_ms": ms, "params": 100.0,
+                                              "nonzero_params": 100.0, "size_bytes": 400.0, "flops": 200.0}))
+    s = summarize(frame(recs))
+    assert list(s.latency_b1_ms_pooled) == [0.6, 0.6, 0.6]
+    assert list(s.latency_b1_ms_mean) == pytest.approx([0.5, 1.5, 0.6])  # each row keeps its own

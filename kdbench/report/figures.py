@@ -16,6 +16,7 @@ XML itself.
 from __future__ import annotations
 
 import math
+import textwrap
 from collections.abc import Sequence
 from pathlib import Path
 from typing import NamedTuple
@@ -124,6 +125,11 @@ def _legend(ax, handles: list, **kwargs) -> None:
         text.set_parse_math(False)
 
 
+def _wrap(title: str, width: int = 80) -> str:
+    """Long model labels would run off the canvas."""
+    return textwrap.fill(title, width, break_long_words=False, break_on_hyphens=False)
+
+
 # --- 1. the Pareto front -------------------------------------------------------------------
 
 @mpl.rc_context(_RC)
@@ -134,7 +140,8 @@ def pareto_figure(summary: pd.DataFrame, cost: str, cost_label: str, out_stem: P
         _single(summary, column, "pareto_figure")
     metric, higher = _metric(summary, "pareto_figure")
     scale = _scale(metric)
-    x_all = _numbers(summary, f"{cost}_mean")
+    # Rows that ship one architecture share its pooled latency (see summary.architecture_keys).
+    x_all = _numbers(summary, f"{cost}_pooled" if f"{cost}_pooled" in summary else f"{cost}_mean")
     y_all = _numbers(summary, f"test_{metric}_mean") * scale
     keep = np.isfinite(x_all) & np.isfinite(y_all)
     x, y = x_all[keep], y_all[keep]
@@ -177,7 +184,7 @@ def pareto_figure(summary: pd.DataFrame, cost: str, cost_label: str, out_stem: P
         ax.set_xscale("log")
     ax.set_xlabel(f"{cost_label} ({'log scale, ' if log else ''}lower is better)", parse_math=False)
     ax.set_ylabel(_quality_label("test", metric, higher), parse_math=False)
-    ax.set_title(title, parse_math=False)
+    ax.set_title(_wrap(title), parse_math=False)
     ax.margins(x=0.12, y=0.12)  # room for the labels of the outermost points
     ax.grid(True, which="major", alpha=0.3)
     handles = [Line2D([], [], color=FRONT, marker="o", label="Pareto front (non-dominated)")]
@@ -284,7 +291,7 @@ def method_bars(summary: pd.DataFrame, out_stem: Path, title: str, reference: st
     if (is_reference & np.isfinite(mean)).any():
         handles.append(Line2D([], [], color="#444444", linestyle=":", label=f"reference: {reference}"))
     ax.set_xlabel(_quality_label("test", metric, higher) + ", mean and 95% CI over seeds", parse_math=False)
-    ax.set_title(title, parse_math=False)
+    ax.set_title(_wrap(title), parse_math=False)
     ax.grid(True, axis="x", alpha=0.3)
     if handles:
         _legend(ax, handles, loc="upper left", bbox_to_anchor=(1.01, 1), borderaxespad=0)
@@ -357,7 +364,7 @@ def training_curves(histories: dict[str, list[list[dict]]], metric: str, higher_
         ax = fig.add_subplot(grid[1 + k // ncols, k % ncols])
         _loss_panel(ax, histories[label], term_colour)
         ax.set_title(label, parse_math=False)
-    fig.suptitle(title, parse_math=False)
+    fig.suptitle(_wrap(title), parse_math=False)
     _save(fig, out_stem)
     return [main_title, *labels]
 

@@ -83,7 +83,7 @@ def figure_blocks(summary: pd.DataFrame, records: Sequence[Record], out: Path) -
         name = f"{task} (protocol {fp})" if summary[summary.task == task].fingerprint.nunique() > 1 else task
         metric = rows.iloc[0]["metric"]
         blocks.append(Heading(f"Figures: {name}", 3))
-        for cost, label in (("size_bytes", "file size (bytes)"), ("latency_b1_ms", "latency at batch 1 (ms)")):
+        for cost, label in (("size_bytes", "file size (bytes)"), ("latency_b1_ms", "latency at batch 1 (ms, median over the rows of one architecture)")):
             if f"{cost}_mean" not in rows or rows[f"{cost}_mean"].isna().all():
                 continue
             stem = Path("figures") / f"{slug(task)}-{fp}-pareto-{slug(cost)}"

@@ -270,6 +270,16 @@ def _rank_and_front(out: pd.DataFrame) -> pd.DataFrame:
             continue
         higher = direction(figure, g.iloc[0]["metric"], bool(g.iloc[0]["higher_is_better"]))
         out.loc[g.index, "rank"] = stats.ranks(g[col].tolist(), higher)
+    if "latency_b1_ms_mean" in out:
+        # One latency per architecture: the median over the rows that ship it. On a machine
+        # whose load drifts the same network times differently from cell to cell; the pooled
+        # value is the better estimate of what it costs, and is what the front is drawn at.
+        out["latency_b1_ms_pooled"] = out["latency_b1_ms_mean"]
+        for _, g in out.groupby(["task", "fingerprint"]):
+            keys = pd.Series(architecture_keys(g), index=g.index, dtype=object)
+            known = keys.dropna()
+            pooled = g.loc[known.index, "latency_b1_ms_mean"].groupby(known.map(str)).transform("median")
+            out.loc[pooled.index, "latency_b1_ms_pooled"] = pooled
     for cost in ("size_bytes", "latency_b1_ms"):
         out[f"pareto_{cost}"] = False
         for _, g in out.groupby(["task", "fingerprint"]):
