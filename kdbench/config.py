@@ -13,7 +13,7 @@ import json
 from collections.abc import Mapping
 from importlib import resources
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import yaml
 
@@ -72,6 +72,11 @@ class Measure:
     latency_repeats: int = 15
     eval_batch_size: int = 512
     calibration_size: int = 256  # training inputs handed to compressors
+    # Linear-probe accuracy of the model's deepest feature point (its embedding), fitted on
+    # the training split, and its agreement with the teacher's embedding: for embedding models.
+    probe: bool = False
+
+    ADDED_LATER: ClassVar[tuple[str, ...]] = ("probe",)
 
     def __post_init__(self):
         if self.latency_repeats < 1 or self.eval_batch_size < 1 or not self.latency_batch_sizes:
@@ -163,6 +168,17 @@ class Experiment:
                 for recipe in self.recipes for seed in self.seeds]
 
 
+def measure_spec(measure: Measure) -> dict[str, Any]:
+    """The measurement protocol as stored and hashed. Settings added after results were
+    published appear only when set away from their default, so that adding one does not
+    change the id of every cell already in a store."""
+    out = dataclasses.asdict(measure)
+    for key in Measure.ADDED_LATER:
+        if out[key] == Measure.__dataclass_fields__[key].default:
+            del out[key]
+    return out
+
+
 #: Config keys stored with a cell for reports, left out of its id (see ``Cell.config``).
 UNHASHED = ("budget", "task_plugin")
 
@@ -202,7 +218,7 @@ class TeacherJob:
     def cell_id(self) -> str:
         """The teacher's own leaderboard row, measured under this experiment's protocol."""
         return digest({"teacher": self.config(), "experiment": self.experiment.name,
-                       "measure": dataclasses.asdict(self.experiment.measure)})
+                       "measure": measure_spec(self.experiment.measure)})
 
     def labels(self) -> dict[str, Any]:
         return {"task": self.task.label(), "teacher": self.teacher.label(), "student": "-",
@@ -242,7 +258,7 @@ class Cell:
                 "student": self.pair.student.spec(), "recipe": self.recipe,
                 "stages": [s.spec(base) for s in self.stages], "seed": self.seed,
                 "teacher_key": self.teacher_job(plugins).teacher_key,
-                "measure": dataclasses.asdict(self.experiment.measure),
+                "measure": measure_spec(self.experiment.measure),
                 "plugins": {r.plugin: r.version for r in refs},
                 "budget": dataclasses.asdict(base), "task_plugin": self.task.plugin}
 

@@ -80,7 +80,13 @@ class Task(Component):
 
 # ---------------------------------------------------------------- models
 class ModelFamily(Component):
-    """Builds teachers and students for a task and names where features can be tapped."""
+    """Builds teachers and students for a task and names where features can be tapped.
+
+    ``pretrained`` families build a model whose weights come from files (a released
+    checkpoint): as a teacher it is used as built, never trained by the suite.
+    """
+
+    pretrained: ClassVar[bool] = False
 
     def build(self, data: TaskData) -> nn.Module:
         raise NotImplementedError

@@ -46,6 +46,13 @@ def teacher_path(cache_dir: Path, job: TeacherJob) -> Path:
 def obtain_teacher(job: TeacherJob, task: Task, family: ModelFamily, data: TaskData,
                    cache_dir: Path, device: str = "cpu") -> CachedTeacher:
     """Load the teacher from the cache, or train it and cache it (atomically)."""
+    if family.pretrained:
+        # A released checkpoint: the family loads (and caches) its weights; nothing to train.
+        start = time.perf_counter()
+        model = family.build(data)
+        for p in model.parameters():
+            p.requires_grad_(False)
+        return CachedTeacher(model.eval(), [], time.perf_counter() - start, True)
     path = teacher_path(cache_dir, job)
     model = family.build(data)
     if path.exists():

@@ -125,3 +125,10 @@ def test_a_pair_can_train_its_teacher_and_student_differently(plugins):
     assert cell.config(plugins)["stages"][0]["training"]["epochs"] == 5
     with pytest.raises(ConfigError, match="did you mean 'nesterov'"):
         load_experiment(None, plugins, ["pairs.0.student_training={nestrov: true}"])
+
+
+def test_settings_added_later_keep_existing_cell_ids_at_their_default():
+    from kdbench.config import Measure, measure_spec
+
+    assert "probe" not in measure_spec(Measure())  # stores written before it keep resuming
+    assert measure_spec(Measure(probe=True))["probe"] is True  # set: part of the id
