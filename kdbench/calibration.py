@@ -9,6 +9,9 @@ that thousands of rows do not lose precision.
 
 from __future__ import annotations
 
+import fnmatch
+from collections.abc import Iterable
+
 import dataclasses
 
 import torch
@@ -35,14 +38,26 @@ class InputStats:
         return 2 * self.gram / max(self.rows, 1)
 
 
+def skipped(names: Iterable[str], skip: Iterable[str], what: str = "Linear layers") -> set[str]:
+    """The names that ``skip`` selects. Entries are module paths or shell patterns
+    (``*.self_attn.*`` leaves every attention projection of a transformer alone); one that
+    selects nothing is an error naming the layers there are."""
+    names = list(names)
+    out: set[str] = set()
+    for pattern in skip:
+        hits = {n for n in names if fnmatch.fnmatchcase(n, pattern)}
+        if not hits:
+            shown = ", ".join(sorted(names)[:12]) + (" ..." if len(names) > 12 else "")
+            raise ValueError(f"skip {pattern!r} matches none of the {what}: {shown}")
+        out |= hits
+    return out
+
+
 def linear_layers(model: nn.Module, skip: tuple[str, ...] = ()) -> dict[str, nn.Linear]:
-    """Every ``nn.Linear`` by module path, minus ``skip``; a clear error names unknown skips."""
+    """Every ``nn.Linear`` by module path, minus ``skip`` (paths or shell patterns)."""
     layers = {name: m for name, m in model.named_modules() if isinstance(m, nn.Linear)}
-    unknown = set(skip) - set(layers)
-    if unknown:
-        raise ValueError(f"skip names {sorted(unknown)} that are not Linear layers; the Linear "
-                         f"layers are {sorted(layers)}")
-    return {name: m for name, m in layers.items() if name not in skip}
+    left_out = skipped(layers, skip)
+    return {name: m for name, m in layers.items() if name not in left_out}
 
 
 @torch.no_grad()

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -26,7 +27,7 @@ def cmd_run(args) -> int:
     from .plugins import get_plugins
     from .runner import run_experiment
     from .store import Store
-    from .teachers import default_cache_dir
+    from .teachers import CACHE_ENV, default_cache_dir
 
     plugins = get_plugins()
     experiment = load_experiment(args.experiment, plugins, args.set)  # every error before any work
@@ -39,6 +40,8 @@ def cmd_run(args) -> int:
             raise KdbenchError(f"--threads must be at least 1, got {args.threads}")
         torch.set_num_threads(args.threads)
     cache_dir = Path(args.cache_dir) if args.cache_dir else default_cache_dir()
+    # Plugins that cache files of their own (dequantized pretrained weights) use the same place.
+    os.environ[CACHE_ENV] = str(cache_dir)
     with Store(args.store) as store:
         summary = run_experiment(experiment, store, plugins, cache_dir, args.executor,
                                  progress=None if args.quiet else sys.stderr, device=args.device)

@@ -96,7 +96,17 @@ class Ref:
     short: str | None = dataclasses.field(default=None, compare=False)  # the plugin's own label
 
     def spec(self) -> dict[str, Any]:
-        return {"name": self.name, **as_dict(self.params)}
+        """Name and parameters, as stored and hashed into cell ids. A parameter a plugin lists
+        in its ``Params.ADDED_LATER`` appears only when set away from its default, so a new
+        option does not change the id of every cell already in a store."""
+        spec = {"name": self.name, **as_dict(self.params)}
+        later = getattr(type(self.params), "ADDED_LATER", ())
+        if later:
+            default = defaults(type(self.params))
+            for key in later:
+                if key in default and spec.get(key) == default[key]:
+                    del spec[key]
+        return spec
 
     def label(self) -> str:
         """Short, readable: the plugin's own name for it (``resnet56``), or the parameters

@@ -27,8 +27,16 @@ def test_input_stats_are_the_gram_and_abs_sums_of_every_input_row():
 
 def test_unknown_skips_and_empty_calibration_are_clear_errors():
     model = nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 2))
-    with pytest.raises(ValueError, match=r"\['fc'\] that are not Linear layers; the Linear layers are \['0', '2'\]"):
+    with pytest.raises(ValueError, match=r"skip 'fc' matches none of the Linear layers: 0, 2"):
         linear_layers(model, skip=("fc",))
     assert list(linear_layers(model, skip=("2",))) == ["0"]
     with pytest.raises(ValueError, match="calibration_size"):
         input_stats(model, linear_layers(model), torch.zeros(0, 3))
+
+
+def test_skip_takes_shell_patterns():
+    from kdbench.calibration import linear_layers
+
+    model = nn.ModuleDict({"attn": nn.ModuleDict({"q": nn.Linear(2, 2), "k": nn.Linear(2, 2)}),
+                           "mlp": nn.Linear(2, 2), "head": nn.Linear(2, 2)})
+    assert sorted(linear_layers(model, ("attn.*", "head"))) == ["mlp"]

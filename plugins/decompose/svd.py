@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from kdbench import hookimpl
+from kdbench.calibration import skipped
 from kdbench.contracts import CompressionContext, Decomposer
 
 DEFAULT_RANK_RATIO = 0.25
@@ -141,14 +142,10 @@ def linear_names(method: str, model: nn.Module, skip: tuple[str, ...]) -> list[s
     fixed = {f"{name}.out_proj" if name else "out_proj" for name, m in model.named_modules()
              if isinstance(m, nn.MultiheadAttention)}
     names = {name for name, m in model.named_modules() if isinstance(m, nn.Linear)} - fixed
-    unknown = set(skip) - names
-    if unknown:
-        raise ValueError(f"{method} skip names {sorted(unknown)} are not Linear layers; "
-                         f"Linear layers are {sorted(names)}")
     if not names:
         raise ValueError(f"{method} factorizes Linear layers; the model has none "
                          "(use tucker or cp for Conv2d layers)")
-    return sorted(names - set(skip))
+    return sorted(names - skipped(names, skip, f"Linear layers {method} can factorize"))
 
 
 class SVD(Decomposer):

@@ -9,19 +9,22 @@ through later fine-tuning; the core makes them permanent before measuring.
 from __future__ import annotations
 
 import dataclasses
-from typing import Literal
+from typing import ClassVar, Literal
 
 from torch import nn
 from torch.nn.utils import prune
 
 from kdbench import hookimpl
+from kdbench.calibration import skipped
 from kdbench.contracts import CompressionContext, Pruner
 
 PRUNABLE = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
 
 
-def prunable_weights(model: nn.Module) -> list[tuple[nn.Module, str]]:
-    return [(m, "weight") for m in model.modules() if isinstance(m, PRUNABLE)]
+def prunable_weights(model: nn.Module, skip: tuple[str, ...] = ()) -> list[tuple[nn.Module, str]]:
+    found = {name: m for name, m in model.named_modules() if isinstance(m, PRUNABLE)}
+    left_out = skipped(found, skip, "Linear or Conv layers")
+    return [(m, "weight") for name, m in found.items() if name not in left_out]
 
 
 class Magnitude(Pruner):
@@ -35,13 +38,16 @@ class Magnitude(Pruner):
     class Params:
         sparsity: float = 0.5
         scope: Literal["global", "layer"] = "global"
+        skip: tuple[str, ...] = ()  # module paths or shell patterns left dense (an LM head, say)
+
+        ADDED_LATER: ClassVar[tuple[str, ...]] = ("skip",)  # see Ref.spec
 
         def __post_init__(self):
             if not 0 <= self.sparsity < 1:
                 raise ValueError(f"sparsity must be in [0, 1), got {self.sparsity}")
 
     def apply(self, model: nn.Module, context: CompressionContext) -> nn.Module:
-        targets = prunable_weights(model)
+        targets = prunable_weights(model, self.params.skip)
         if not targets:
             raise ValueError("magnitude pruning found no Linear or Conv layer to prune")
         if self.params.scope == "global":

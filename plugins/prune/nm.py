@@ -29,6 +29,7 @@ from torch import nn
 from torch.nn.utils import prune
 
 from kdbench import hookimpl
+from kdbench.calibration import skipped
 from kdbench.contracts import CompressionContext, Pruner
 from kdbench_plugins.prune.magnitude import PRUNABLE
 from kdbench_plugins.prune.wanda import wanda_scores
@@ -66,11 +67,8 @@ class NM(Pruner):
     def apply(self, model: nn.Module, context: CompressionContext) -> nn.Module:
         p = self.params
         found = {name: mod for name, mod in model.named_modules() if isinstance(mod, PRUNABLE)}
-        unknown = set(p.skip) - set(found)
-        if unknown:
-            raise ValueError(f"nm: skip names {sorted(unknown)} that are not Linear or Conv layers; "
-                             f"those are {sorted(found)}")
-        layers = {name: mod for name, mod in found.items() if name not in p.skip}
+        left_out = skipped(found, p.skip, "Linear or Conv layers")
+        layers = {name: mod for name, mod in found.items() if name not in left_out}
         if not layers:
             raise ValueError("nm found no Linear or Conv layer to prune (check skip)")
         for name, mod in layers.items():
