@@ -7,9 +7,14 @@ and the log of the mass left to the other ``V - k`` tokens (float32): ``6 k + 4`
 The dense distribution is rebuilt with the top k exact and the remaining mass spread uniformly
 over the tail: the sparse top-k teacher caches of LLM distillation, whose truncation bias
 Anshumann et al. analyse ("Sparse Logit Sampling: Accelerating Knowledge Distillation in LLMs",
-ACL 2025); the uniform tail keeps the tail's total mass, which plain truncation drops. The tail mass is computed from the full float32 ``log_softmax`` (a
-logsumexp over the tail, not ``log(1 - sum)``), so it keeps its precision when the top k hold
-almost all the mass.
+ACL 2025); the uniform tail keeps the tail's total mass, which plain truncation drops. The tail
+mass is computed from the full float32 ``log_softmax`` (a logsumexp over the tail, not
+``log(1 - sum)``), so it keeps its precision when the top k hold almost all the mass.
+
+How much k keeps, SmolLM2-135M-Instruct (Q4_1, dequantized) on 512 tokens of a Shakespeare play:
+mean tail mass r and mean KL(teacher || rebuilt) per token are 0.23 / 0.91 nats at k = 32,
+0.17 / 0.61 at k = 64, 0.13 / 0.40 at k = 128, 0.09 / 0.25 at k = 256, 0.036 / 0.073 at k = 1024.
+A small teacher's next-token distribution is broad: the tail carries real mass at k = 64.
 
 Precision (measured by ``tests/test_logit_cache.py``): values are rounded to float16 (relative
 error at most 2^-11) and each rebuilt row is renormalized (a shift of the order of that rounding),
@@ -33,7 +38,7 @@ tail holding the tail mass ``r``.
 - At T != 1, ``softmax(log p~ / T)`` is exact only up to a common factor on the top k: the ratios
   among the top k are the teacher's, but the tempered tail mass ``(V - k)^(1 - 1/T) r^(1/T)``
   exceeds the teacher's ``sum p_i^(1/T)`` for T > 1 (Jensen; less for T < 1), so the tempered top-k
-  probabilities come out slightly smaller. The error vanishes as ``r -> 0``.
+  probabilities come out smaller. The error vanishes as ``r -> 0``.
 - Not valid with a cache (k < V): anything that reads the raw logit values rather than their
   softmax: ``logit-std`` and ``dkd`` with ``standardize: true`` z-score the row, and a constant
   tail changes its mean and spread. ``dkd`` (without standardize) and ``dist`` use softmaxes and
