@@ -24,7 +24,7 @@ from .plugins import Plugins
 
 DEFAULT_EXPERIMENT = "quickstart.yaml"
 TOP_LEVEL_KEYS = ("name", "description", "seeds", "tasks", "pairs", "recipes", "training",
-                  "measure", "executor")
+                  "measure", "executor", "teacher_cache")
 PAIR_KEYS = ("teacher", "student", "teacher_training", "student_training")
 STAGE_OPS = ("init", "train", "distill", "finetune", "prune", "quantize", "decompose")
 TRAINING_OPS = ("train", "distill", "finetune")
@@ -160,6 +160,19 @@ class Pair:
 
 
 @dataclasses.dataclass(frozen=True)
+class TeacherCache:
+    """Teacher outputs computed once per (teacher, task, split) and read back by response and
+    token-level distillers: the ``top_k`` largest log-probabilities per position, the rest of
+    the probability mass spread evenly (see ``kdbench/logit_cache.py``)."""
+
+    top_k: int = 256
+
+    def __post_init__(self):
+        if self.top_k < 1:
+            raise ValueError(f"teacher_cache.top_k must be at least 1, got {self.top_k}")
+
+
+@dataclasses.dataclass(frozen=True)
 class Experiment:
     name: str
     seeds: tuple[int, ...]
@@ -170,6 +183,7 @@ class Experiment:
     measure: Measure
     executor: Ref | None
     source: str
+    teacher_cache: TeacherCache | None = None
 
     def cells(self) -> list["Cell"]:
         """The grid: task x pair x recipe x seed, in that nesting order."""
@@ -270,7 +284,10 @@ class Cell:
                 "teacher_key": self.teacher_job(plugins).teacher_key,
                 "measure": measure_spec(self.experiment.measure),
                 "plugins": {r.plugin: r.version for r in refs},
-                "budget": dataclasses.asdict(base), "task_plugin": self.task.plugin}
+                "budget": dataclasses.asdict(base), "task_plugin": self.task.plugin,
+                # Only when set: the cache's tail approximation changes what distillers see.
+                **({"teacher_cache": dataclasses.asdict(self.experiment.teacher_cache)}
+                   if self.experiment.teacher_cache else {})}
 
     def student_training(self, plugins: Plugins) -> Training:
         """The base of the student's training stages: task budget < file < this pair."""
@@ -391,8 +408,11 @@ def parse_experiment(raw: Any, plugins: Plugins, source: str = "<experiment>") -
         parse_params(Training, {**training, **pair.student_training}, f"pairs[{i}].student_training")
     measure = parse_params(Measure, _mapping(raw.get("measure") or {}, "measure"), "measure")
     executor = parse_ref(plugins, "executor", raw["executor"], "executor") if raw.get("executor") else None
+    cache = raw.get("teacher_cache")
+    teacher_cache = (parse_params(TeacherCache, _mapping(cache, "teacher_cache"), "teacher_cache")
+                     if cache is not None else None)
     return Experiment(name.strip(), tuple(seeds), tasks, pairs, recipes, training, measure,
-                      executor, source)
+                      executor, source, teacher_cache)
 
 
 def parse_ref(plugins: Plugins, kind: str, raw: Any, where: str) -> Ref:

@@ -53,6 +53,7 @@ class CellRunner:
         self.cache_dir = Path(cache_dir)
         self.device = device
         self._data: dict[str, TaskData] = {}
+        self._test_logits: dict[tuple, torch.Tensor] = {}
 
     # ------------------------------------------------------------ shared pieces
     def data(self, task_ref) -> TaskData:
@@ -98,6 +99,42 @@ class CellRunner:
 
         return self._guarded(job.labels(), job.config, job.cell_id, job.experiment.name, "teacher", body)
 
+    # ------------------------------------------------------------ teacher outputs
+    def teacher_identity(self, job: TeacherJob, family) -> str:
+        """What the teacher's weights depend on: for a released checkpoint its spec alone (no
+        seed, no training), so every seed shares one cache of its outputs."""
+        return digest(job.teacher.spec()) if family.pretrained else job.teacher_key
+
+    def teacher_outputs(self, cell: Cell, job: TeacherJob, family, model: nn.Module, distiller,
+                        data: TaskData, log: list[dict]):
+        """The cached teacher outputs for the training split, when the experiment asks for them
+        and they are valid: a distiller that reads only outputs, data without augmentation."""
+        settings = cell.experiment.teacher_cache
+        if (settings is None or distiller.needs_features or distiller.needs_attention
+                or data.train_transform is not None):
+            return None
+        from .logit_cache import TopKLogits, cache_key, cached_topk
+
+        key = cache_key(self.teacher_identity(job, family), cell.task.spec(), "train", settings.top_k)
+        path = self.cache_dir / "teacher-outputs" / f"{key}.pt"
+        start = time.perf_counter()
+        topk, from_cache = cached_topk(path, lambda: TopKLogits.compute(
+            model, data.train.tensors[0], settings.top_k, device=self.device))
+        log.append({"op": "teacher-outputs", "top_k": settings.top_k, "from_cache": from_cache,
+                    "bytes_per_token": topk.bytes_per_token(), "positions": int(topk.log_rest.numel()),
+                    "seconds": time.perf_counter() - start})
+        return topk.log_probs
+
+    def teacher_test_logits(self, job: TeacherJob, family, task_ref, model: nn.Module,
+                            data: TaskData, batch_size: int) -> torch.Tensor:
+        """The teacher's test-split logits, computed once per process and teacher (an LLM
+        teacher's pass over the test split costs more than a small student's whole cell)."""
+        key = (self.teacher_identity(job, family), digest(task_ref.spec()))
+        if key not in self._test_logits:
+            self._test_logits.clear()  # one at a time: a large vocabulary makes them big
+            self._test_logits[key] = predict(model, data.test.tensors[0], batch_size)
+        return self._test_logits[key]
+
     # ------------------------------------------------------------ student cells
     def run_cell(self, cell: Cell) -> Record:
         self.plugins.pm.hook.kdbench_cell_started(cell=cell)
@@ -130,7 +167,7 @@ class CellRunner:
         def train(model: nn.Module, training, ref) -> list[dict]:
             """Train in place, with the distiller of ``ref`` if given; adapters are counted."""
             nonlocal extra_params
-            distiller, extra = None, []
+            distiller, extra, outputs = None, [], None
             # Tap points are read per call: a compressor may have replaced modules.
             student = Tapped(model, family.feature_points(model), family.attention_points(model))
             if ref is not None:
@@ -139,8 +176,9 @@ class CellRunner:
                     model, teacher.model, data, student.feature_points, teacher.feature_points,
                     student.attention_points, teacher.attention_points, training.epochs))
                 extra_params += sum(p.numel() for m in extra for p in m.parameters())
+                outputs = self.teacher_outputs(cell, job, teacher_family, cached.model, distiller, data, log)
             return fit(model, data, task, training, cell.seed, distiller=distiller, teacher=teacher,
-                       student=student, extra_modules=extra, device=self.device)
+                       student=student, extra_modules=extra, device=self.device, teacher_outputs=outputs)
 
         calibration_size = cell.experiment.measure.calibration_size
         # A seeded sample of the training split, the same for every recipe of a seed.
@@ -178,11 +216,14 @@ class CellRunner:
             log.append(entry)
 
         deployable = export(model)
-        teacher_logits = predict(teacher.model, data.test.tensors[0])
+        teacher_logits = self.teacher_test_logits(job, teacher_family, cell.task, teacher.model, data,
+                                                  cell.experiment.measure.eval_batch_size)
         # The teacher is timed beside the student: the speedup column is a paired ratio.
         metrics = measure(deployable, data, task, teacher_logits, cell.experiment.measure,
                           reference=export(teacher.model))
-        metrics["train_seconds"] = sum(e["seconds"] for e in log)
+        # Computing the teacher's cached outputs is paid once for all cells: reported apart.
+        metrics["train_seconds"] = sum(e["seconds"] for e in log if e["op"] != "teacher-outputs")
+        metrics["teacher_outputs_seconds"] = sum(e["seconds"] for e in log if e["op"] == "teacher-outputs")
         metrics["teacher_train_seconds"] = cached.train_seconds
         metrics["extra_train_params"] = extra_params
         metrics["materialized"] = all(e.get("materialized", True) for e in log)

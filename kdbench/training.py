@@ -7,7 +7,7 @@ import copy
 import math
 import time
 from collections import defaultdict
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import torch
 import torch.nn.functional as F
@@ -37,10 +37,20 @@ def capture_features(model: nn.Module, points: list[str]) -> Iterator[dict[str, 
 @torch.no_grad()
 def predict(model: nn.Module, inputs: torch.Tensor, batch_size: int = 512,
             device: str | torch.device = "cpu") -> torch.Tensor:
-    """Logits for ``inputs`` in eval mode, batched, returned on the CPU."""
+    """Outputs for ``inputs`` in eval mode, batched, returned on the CPU.
+
+    Batches are capped so that one batch's output stays under ~256 MB: a language model's
+    logits over a 49,152-token vocabulary take 25 MB per 128-token window.
+    """
     model.eval()
-    return torch.cat([model(inputs[i:i + batch_size].to(device)).cpu()
-                      for i in range(0, len(inputs), batch_size)])
+    if len(inputs) == 0:
+        return model(inputs.to(device)).cpu()
+    first = model(inputs[:1].to(device)).cpu()
+    per_example = max(first.numel() * first.element_size(), 1)
+    batch_size = max(1, min(batch_size, (256 << 20) // per_example))
+    out = [first] + [model(inputs[i:i + batch_size].to(device)).cpu()
+                     for i in range(1, len(inputs), batch_size)]
+    return torch.cat(out)
 
 
 def rows(logits: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -90,7 +100,8 @@ class Teacher(Tapped):
 def fit(model: nn.Module, data: TaskData, task: Task, training: Training, seed: int, *,
         distiller: Distiller | None = None, teacher: Teacher | None = None,
         student: Tapped | None = None, extra_modules: list[nn.Module] | None = None,
-        device: str = "cpu") -> list[dict]:
+        device: str = "cpu", teacher_outputs: Callable[[torch.Tensor], torch.Tensor] | None = None
+        ) -> list[dict]:
     """Train ``model`` in place; return the per-epoch history.
 
     Without a distiller the loss is cross-entropy (with the configured label smoothing);
@@ -98,7 +109,9 @@ def fit(model: nn.Module, data: TaskData, task: Task, training: Training, seed: 
     loss as rows (N, C) and (N,). With ``checkpoint: best`` the weights of the epoch with the
     best validation metric are restored at the end: validation chooses, the test metric is
     recorded per epoch for reporting only. ``student`` names the model's tap points for
-    distillers that read features.
+    distillers that read features. ``teacher_outputs`` maps the indices of a batch of training
+    examples to the teacher's (cached) outputs, replacing the teacher's forward pass; only for
+    distillers that read no features and data without random augmentation.
     """
     student = student or Tapped(model, [])
     extra = nn.ModuleList(extra_modules or [])
@@ -143,8 +156,11 @@ def fit(model: nn.Module, data: TaskData, task: Task, training: Training, seed: 
                     s_logits = model(x)
                 if distiller is not None:
                     distiller.begin_batch(indices, epoch, training.epochs)
-                    with torch.no_grad(), capture_features(teacher.model, t_points) as t_feats:
-                        t_logits = teacher.model(x)
+                    if teacher_outputs is not None:
+                        t_logits, t_feats = teacher_outputs(indices).to(device), {}
+                    else:
+                        with torch.no_grad(), capture_features(teacher.model, t_points) as t_feats:
+                            t_logits = teacher.model(x)
                     s_rows, targets = rows(s_logits, y)
                     terms = distiller.loss(Outputs(s_rows, s_feats),
                                            Outputs(rows(t_logits, y)[0], dict(t_feats)), targets)
