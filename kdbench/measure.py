@@ -231,4 +231,7 @@ def measure(model: nn.Module, data: TaskData, task: Task, teacher_logits: torch.
                    weight_bytes=weight_bytes(model), flops=count_flops(model, x[:1]))
     figures.update(latency(model, {b: batch_of(x, b) for b in settings.latency_batch_sizes},
                            settings.latency_warmup, settings.latency_repeats, reference))
+    if x.dim() == 2 and not x.is_floating_point():  # token ids: throughput in tokens per second
+        for b in settings.latency_batch_sizes:
+            figures[f"tokens_per_s_b{b}"] = b * x.shape[1] / (figures[f"latency_b{b}_ms"] / 1e3)
     return figures
