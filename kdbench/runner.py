@@ -92,6 +92,9 @@ class CellRunner:
             metrics = measure(export(cached.model), self.data(job.task), task, None,
                               job.experiment.measure)
             metrics["train_seconds"] = cached.train_seconds
+            if job.experiment.measure.probe:
+                family = self.plugins.get("model", job.teacher.name).build(job.teacher.params)
+                metrics.update(self.probe_figures(cached.model, family, self.data(job.task), job.seed))
             stage = {"history": cached.history}
             metrics.update(epoch_figures([stage], task.metric))
             return metrics, [{"op": "train", "seconds": cached.train_seconds,
@@ -129,11 +132,39 @@ class CellRunner:
                             data: TaskData, batch_size: int) -> torch.Tensor:
         """The teacher's test-split logits, computed once per process and teacher (an LLM
         teacher's pass over the test split costs more than a small student's whole cell)."""
-        key = (self.teacher_identity(job, family), digest(task_ref.spec()))
+        return self._memo(("logits", self.teacher_identity(job, family), digest(task_ref.spec())),
+                          lambda: predict(model, data.test.tensors[0], batch_size))
+
+    def _memo(self, key: tuple, compute):
+        """A few teachers' test outputs (cells of one recipe run seed after seed, each seed its
+        own teacher); the oldest goes first, since a large vocabulary makes them big."""
         if key not in self._test_logits:
-            self._test_logits.clear()  # one at a time: a large vocabulary makes them big
-            self._test_logits[key] = predict(model, data.test.tensors[0], batch_size)
+            while len(self._test_logits) >= 4:
+                self._test_logits.pop(next(iter(self._test_logits)))
+            self._test_logits[key] = compute()
         return self._test_logits[key]
+
+    def probe_figures(self, model: nn.Module, family, data: TaskData, seed: int,
+                      teacher: nn.Module | None = None, teacher_point: str | None = None,
+                      teacher_key: tuple | None = None) -> dict[str, float]:
+        """Linear-probe accuracy of the model's deepest feature point (its embedding), fitted on
+        the training split and scored on test; with a teacher, the cosine agreement (equal
+        widths) and linear CKA of the two embeddings of the test split."""
+        from .probe import cosine_agreement, embeddings, linear_cka, probe_accuracy
+
+        points = family.feature_points(model)
+        (x_train, y_train), (x_test, y_test) = data.train.tensors, data.test.tensors
+        if not points or y_test.dim() != 1:
+            return {}
+        train, test = embeddings(model, points[-1], x_train), embeddings(model, points[-1], x_test)
+        out = {"probe_accuracy": probe_accuracy(train, y_train, test, y_test, seed=seed)}
+        if teacher is not None and teacher_point is not None:
+            theirs = self._memo(("embedding",) + teacher_key, lambda: embeddings(teacher, teacher_point, x_test))
+            cosine = cosine_agreement(test, theirs)
+            if cosine is not None:
+                out["teacher_cosine"] = cosine
+            out["teacher_cka"] = linear_cka(test, theirs)
+        return out
 
     # ------------------------------------------------------------ student cells
     def run_cell(self, cell: Cell) -> Record:
@@ -227,6 +258,10 @@ class CellRunner:
         metrics["teacher_train_seconds"] = cached.train_seconds
         metrics["extra_train_params"] = extra_params
         metrics["materialized"] = all(e.get("materialized", True) for e in log)
+        if cell.experiment.measure.probe:
+            metrics.update(self.probe_figures(
+                deployable, family, data, cell.seed, teacher.model, (teacher.feature_points or [None])[-1],
+                (self.teacher_identity(job, teacher_family), digest(cell.task.spec()))))
         metrics.update(epoch_figures(log, task.metric))
         return metrics, log
 
