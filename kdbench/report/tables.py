@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from collections.abc import Sequence
 from typing import Any
 
@@ -28,6 +29,22 @@ FIGURES: list[tuple[str, str, str]] = [
     ("speedup_b256", "× teacher b256", "x"),
     ("train_seconds", "train s", "s"),
 ]
+def figure_list(rows: pd.DataFrame) -> list[tuple[str, str, str]]:
+    """FIGURES, with the latency, speed-up and throughput columns of whatever batch sizes the
+    protocol timed (1 and 256 by default; 1 and 8 for a language model), and the probe figures
+    of embedding models."""
+    batches = sorted({int(m.group(1)) for c in rows.columns
+                      if (m := re.fullmatch(r"latency_b(\d+)_ms_mean", c))})
+    timed = ([(f"latency_b{b}_ms", f"b{b} ms", "ms") for b in batches]
+             + [(f"speedup_b{b}", f"× teacher b{b}", "x") for b in batches]
+             + [(f"tokens_per_s_b{b}", f"tokens/s b{b}", "int") for b in batches])
+    fixed = [f for f in FIGURES if not f[0].startswith(("latency_b", "speedup_b"))]
+    at = next(i for i, f in enumerate(fixed) if f[0] == "train_seconds")
+    probe = [("probe_accuracy", "probe %", "pct"), ("teacher_cosine", "cos teacher", "num"),
+             ("teacher_cka", "CKA teacher", "num")]
+    return probe + fixed[:at] + timed + fixed[at:]
+
+
 #: Single-valued relative figures (from means), shown after the measured ones.
 RELATIVE: list[tuple[str, str]] = [
     ("retained_pct", "% of teacher"),
@@ -119,7 +136,7 @@ def leaderboard_table(rows: pd.DataFrame, caption: str = "") -> Table:
     last = f"last_epoch_{figure}"
     figures = ([(last, "last epoch", "pct" if is_fraction(metric) else "num")]
                if f"{last}_mean" in rows and figure.startswith("test_") else [])
-    figures += [f for f in FIGURES if f"{f[0]}_mean" in rows and rows[f"{f[0]}_mean"].notna().any()]
+    figures += [f for f in figure_list(rows) if f"{f[0]}_mean" in rows and rows[f"{f[0]}_mean"].notna().any()]
     relative = [f for f in RELATIVE if f[0] in rows and rows[f[0]].notna().any()]
     if _differs_from_teacher(rows):
         # Compressed students of a student: their size and speed against the uncompressed one.
