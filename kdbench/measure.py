@@ -217,13 +217,18 @@ def measure(model: nn.Module, data: TaskData, task: Task, teacher_logits: torch.
     figures: dict[str, float] = {f"test_{task.metric}": task.score(logits, y)}
     figures.update({f"test_{k}": v for k, v in task.extra_metrics(logits, y).items()})
     if teacher_logits is not None:
-        s_rows, targets = rows(logits.float(), y)
-        t_rows = rows(teacher_logits.float(), y)[0]
-        keep = targets != -100  # sequence padding
-        s_rows, t_rows = s_rows[keep], t_rows[keep]
-        figures["teacher_agreement"] = (s_rows.argmax(-1) == t_rows.argmax(-1)).float().mean().item()
-        figures["teacher_kl"] = F.kl_div(F.log_softmax(s_rows, -1), F.log_softmax(t_rows, -1),
-                                         reduction="batchmean", log_target=True).item()
+        s_rows, targets = rows(logits, y)
+        t_rows = rows(teacher_logits, y)[0]
+        keep = (targets != -100).nonzero().squeeze(1)  # sequence padding
+        # In chunks of rows: with a 49,152-token vocabulary, float32 copies of every row's
+        # log-probabilities would take gigabytes.
+        agree, kl = 0.0, 0.0
+        for part in keep.split(4096):
+            s, t = s_rows[part].float(), t_rows[part].float()
+            agree += (s.argmax(-1) == t.argmax(-1)).sum().item()
+            kl += F.kl_div(F.log_softmax(s, -1), F.log_softmax(t, -1), reduction="sum", log_target=True).item()
+        figures["teacher_agreement"] = agree / max(len(keep), 1)
+        figures["teacher_kl"] = kl / max(len(keep), 1)
     params, nonzero = count_parameters(model)
     shipped, sparse_tensors = shipped_state(model)
     figures.update(params=params, nonzero_params=nonzero, size_bytes=saved_bytes(shipped),
