@@ -60,11 +60,56 @@ def linear_layers(model: nn.Module, skip: tuple[str, ...] = ()) -> dict[str, nn.
     return {name: m for name, m in layers.items() if name not in left_out}
 
 
+class _AllReached(Exception):
+    """Raised from a hook to end a calibration pass once every layer of interest has run."""
+
+
+@torch.no_grad()
+def forward_groups(model: nn.Module, layers: dict[str, nn.Linear],
+                   example: torch.Tensor) -> tuple[list[list[str]], bool]:
+    """The layers in the order one forward pass of ``example`` first reaches them (unreached
+    ones last, alone), grouped: consecutive layers fed the very same input tensor (the q/k/v
+    projections of an attention block, gate and up of a gated MLP) form one group, since
+    changing one of them cannot change what the others see. Also returns whether every
+    reached layer ran exactly once, which makes it safe to end a pass early."""
+    seen: list[tuple[str, torch.Tensor]] = []
+    calls: dict[str, int] = {}
+
+    def hook(name):
+        def record(_module, inputs):
+            calls[name] = calls.get(name, 0) + 1
+            if calls[name] == 1:
+                seen.append((name, inputs[0]))
+        return record
+
+    handles = [m.register_forward_pre_hook(hook(name)) for name, m in layers.items()]
+    was_training = model.training
+    model.eval()
+    try:
+        model(example.to(next(model.parameters()).device))
+    finally:
+        for h in handles:
+            h.remove()
+        model.train(was_training)
+    groups: list[list[str]] = []
+    previous = None
+    for name, x in seen:
+        if groups and x is previous:
+            groups[-1].append(name)
+        else:
+            groups.append([name])
+        previous = x
+    groups += [[name] for name in layers if name not in calls]
+    return groups, all(n == 1 for n in calls.values())
+
+
 @torch.no_grad()
 def input_stats(model: nn.Module, layers: dict[str, nn.Linear], calibration: torch.Tensor,
-                batch_size: int = 256) -> dict[str, InputStats]:
+                batch_size: int = 256, stop_early: bool = False) -> dict[str, InputStats]:
     """One pass of ``calibration`` through ``model`` (eval mode, restored after); the input
-    statistics of each layer in ``layers``."""
+    statistics of each layer in ``layers``. With ``stop_early`` each batch's forward ends as
+    soon as every layer has seen its input: only for layers that run once per forward (see
+    ``forward_groups``); sequential GPTQ then pays for the model up to the layer, not all of it."""
     if len(calibration) == 0:
         raise ValueError("activation-aware compression needs calibration inputs; got none "
                          "(raise measure.calibration_size)")
@@ -80,7 +125,12 @@ def input_stats(model: nn.Module, layers: dict[str, nn.Linear], calibration: tor
             s.gram += x.T @ x
             s.abs_sum += x.abs().sum(0)
             s.rows += x.shape[0]
+            reached.add(name)
+            if stop_early and len(reached) == len(layers):
+                raise _AllReached
         return record
+
+    reached: set[str] = set()
 
     handles = [m.register_forward_pre_hook(hook(name)) for name, m in layers.items()]
     was_training = model.training
@@ -88,7 +138,11 @@ def input_stats(model: nn.Module, layers: dict[str, nn.Linear], calibration: tor
     try:
         device = next(model.parameters()).device
         for start in range(0, len(calibration), batch_size):
-            model(calibration[start:start + batch_size].to(device))
+            reached.clear()
+            try:
+                model(calibration[start:start + batch_size].to(device))
+            except _AllReached:
+                pass
     finally:
         for h in handles:
             h.remove()

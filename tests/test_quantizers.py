@@ -430,3 +430,27 @@ def test_static_int8_cnn_is_faster_at_batch_256(registry, capsys, one_thread):
         print(f"\ncnn 28x28 batch 256, 1 thread: fp32 {fp32:.1f} ms, static-int8 {int8:.1f} ms, "
               f"ratio {fp32 / int8:.2f}")
     assert fp32 / int8 > 1.0
+
+
+def test_gptq_grouped_early_stopping_passes_equal_one_full_pass_per_layer(registry):
+    """The fast schedule (one pass per group of layers reading the same input, ended once the
+    group is reached) must give the codes of the paper's plain one-layer-at-a-time schedule."""
+    from kdbench.calibration import input_stats
+    from kdbench_plugins.quantize.gptq import gptq_quantize
+    from kdbench_plugins.quantize.packed import set_module
+    from test_calibration import GatedBlock
+
+    torch.manual_seed(0)
+    model = nn.Sequential(GatedBlock(8), GatedBlock(8)).eval()
+    x = torch.randn(64, 5, 8)
+    reference = copy.deepcopy(model)
+    for name, layer in list((n, m) for n, m in reference.named_modules() if isinstance(m, nn.Linear)):
+        s = input_stats(reference, {name: layer}, x)[name]
+        codes, scales, zeros, _ = gptq_quantize(layer.weight, s.hessian, 3)
+        set_module(reference, name, PackedLinear.from_codes(codes, scales, zeros, layer.bias, 3, 0, False))
+    quantizer = registry.build("quantizer", "gptq", {"bits": 3})
+    fast = quantizer.apply(model, context(random_task((5, 8)), x))
+    assert quantizer.report()["calibration_passes"] == 8  # 14 layers
+    for (name, a), (_, b) in zip(((n, m) for n, m in fast.named_modules() if isinstance(m, PackedLinear)),
+                                 ((n, m) for n, m in reference.named_modules() if isinstance(m, PackedLinear))):
+        assert torch.equal(a.codes(), b.codes()), name

@@ -17,8 +17,11 @@ packed storage. The grid is the reference's (see ``packed.py``); the result is s
 
 Layers are processed sequentially in the order the forward pass reaches them, and each
 layer's Hessian is collected with every earlier layer already quantized (the paper's
-sequential setting, one calibration pass per layer); ``sequential: false`` collects all
-Hessians in one pass of the fp32 model instead.
+sequential setting). Layers fed the very same input (q/k/v; gate and up) share one
+calibration pass, as in the reference's "true sequential" groups, and each pass stops once
+its group has been reached: exactly the per-layer result at a fraction of the cost (on
+SmolLM2's 210 Linear layers, 120 partial passes instead of 210 full ones).
+``sequential: false`` collects all Hessians in one pass of the fp32 model instead.
 """
 
 from __future__ import annotations
@@ -29,7 +32,7 @@ import torch
 from torch import nn
 
 from kdbench import hookimpl
-from kdbench.calibration import input_stats, linear_layers
+from kdbench.calibration import forward_groups, input_stats, linear_layers
 from kdbench.contracts import CompressionContext, Quantizer
 
 from .packed import PackedLinear, check_quant_params, find_params, quantize, set_module
@@ -110,24 +113,6 @@ def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, bits: int, group_
     return Q, scales, zeros, {"loss": float(losses.sum()), "dead_inputs": int(dead.sum())}
 
 
-def execution_order(model: nn.Module, layers: dict[str, nn.Linear], example: torch.Tensor) -> list[str]:
-    """Layer names in the order one forward pass first reaches them (unreached ones last)."""
-    order: list[str] = []
-    handles = [m.register_forward_pre_hook(lambda _m, _i, name=name: order.append(name)
-                                           if name not in order else None)
-               for name, m in layers.items()]
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.no_grad():
-            model(example)
-    finally:
-        for h in handles:
-            h.remove()
-        model.train(was_training)
-    return order + [name for name in layers if name not in order]
-
-
 class GPTQ(Quantizer):
     name = "gptq"
     description = ("GPTQ (Frantar et al. 2023): Hessian-aware 8/4/3-bit weight quantization of Linear "
@@ -162,20 +147,25 @@ class GPTQ(Quantizer):
         calibration = context.calibration.cpu()
         if len(calibration) == 0:
             raise ValueError("gptq needs calibration inputs; got none (raise measure.calibration_size)")
-        order = execution_order(model, layers, calibration[:1])
+        groups, runs_once = forward_groups(model, layers, calibration[:1])
         stats = None if p.sequential else input_stats(model, layers, calibration)
         losses, dead = {}, 0
-        for name in order:
-            layer = layers[name]
-            s = (input_stats(model, {name: layer}, calibration) if p.sequential else stats)[name]
-            codes, scales, zeros, info = gptq_quantize(layer.weight, s.hessian, p.bits, p.group_size,
-                                                       p.symmetric, p.percdamp, p.block_size, p.act_order)
-            set_module(model, name, PackedLinear.from_codes(codes, scales, zeros, layer.bias, p.bits,
-                                                            p.group_size, p.symmetric))
-            losses[name] = info["loss"]
-            dead += info["dead_inputs"]
+        for group in groups:
+            if p.sequential:
+                stats = input_stats(model, {name: layers[name] for name in group}, calibration,
+                                    stop_early=runs_once)
+            for name in group:
+                layer = layers[name]
+                codes, scales, zeros, info = gptq_quantize(layer.weight, stats[name].hessian, p.bits,
+                                                           p.group_size, p.symmetric, p.percdamp,
+                                                           p.block_size, p.act_order)
+                set_module(model, name, PackedLinear.from_codes(codes, scales, zeros, layer.bias, p.bits,
+                                                                p.group_size, p.symmetric))
+                losses[name] = info["loss"]
+                dead += info["dead_inputs"]
         self._report = {**storage_report(layers, p.bits, p.group_size, p.symmetric),
                         "calibration_rows": len(calibration), "dead_inputs": dead,
+                        "calibration_passes": len(groups) if p.sequential else 1,
                         "proxy_loss": sum(losses.values())}
         return model.eval()
 
