@@ -49,9 +49,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import os
-import tempfile
-import warnings
 from collections.abc import Callable
 from pathlib import Path
 
@@ -60,6 +57,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import digest
+from .teachers import atomic_write, load_or_create
 
 FORMAT = 1  # bump when the stored layout changes: it is part of the cache key
 
@@ -138,25 +136,24 @@ class TopKLogits:
         return float(self.k * (2 + 4) + 4)
 
     def save(self, path) -> None:
-        """Write atomically: a temporary file in the same folder, then a rename."""
+        """Write atomically: a temporary file in the same folder, then a rename. (``cached_topk``
+        also writes a hash beside it; a file saved here alone has none.)"""
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-        os.close(fd)
-        try:
-            torch.save({"format": FORMAT, "values": self.values, "indices": self.indices,
-                        "log_rest": self.log_rest, "vocab_size": self.vocab_size,
-                        "classifier": self.classifier}, tmp)
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        atomic_write(path, self._write)
+
+    def _write(self, file) -> None:
+        torch.save({"format": FORMAT, "values": self.values, "indices": self.indices,
+                    "log_rest": self.log_rest, "vocab_size": self.vocab_size,
+                    "classifier": self.classifier}, file)
 
     @classmethod
     def load(cls, path) -> TopKLogits:
+        """Read a file written by ``save`` (``path`` may also be an open binary file)."""
         fix = "delete it and the cache will be recomputed"
+        file, path = path, (path.name if hasattr(path, "read") else path)  # for the messages
         try:
-            saved = torch.load(path, map_location="cpu", weights_only=True)
+            saved = torch.load(file, map_location="cpu", weights_only=True)
         except Exception as err:  # truncated zip, bad pickle: torch raises several kinds
             raise ValueError(f"teacher-logit cache {path} is corrupt or truncated ({err}); {fix}") from err
         if not isinstance(saved, dict) or saved.get("format") != FORMAT:
@@ -196,15 +193,11 @@ def cache_key(teacher_key: str, task_spec: dict, split: str, k: int) -> str:
 def cached_topk(path, compute: Callable[[], TopKLogits]) -> tuple[TopKLogits, bool]:
     """Load ``path`` if it holds a valid cache, else ``compute()``, save and return it.
 
-    Returns ``(logits, from_cache)``. A corrupt file (e.g. a run killed by an older version
-    without atomic writes, a full disk) is replaced, with a warning.
+    Returns ``(logits, from_cache)``. The file is written atomically with its sha256 beside it
+    (``<name>.sha256``) and checked against it on every load; a file that is truncated, corrupt
+    (a full disk, a crash before the data reached the disk) or without a hash is deleted and
+    recomputed, with a warning. A per-file lock (``<name>.lock``) makes processes that need the
+    same outputs at once compute them once: the others wait and load the file.
     """
-    path = Path(path)
-    if path.exists():
-        try:
-            return TopKLogits.load(path), True
-        except ValueError as err:
-            warnings.warn(f"recomputing: {err}", stacklevel=2)
-    result = compute()
-    result.save(path)
-    return result, False
+    return load_or_create(Path(path), TopKLogits.load, compute, TopKLogits._write,
+                          "teacher outputs", "recomputing them")

@@ -79,6 +79,24 @@ def lr_factor(training: Training, step: int, steps_per_epoch: int) -> float:
     return 1.0
 
 
+def non_finite_message(terms: dict[str, torch.Tensor], loss: torch.Tensor, epoch: int, step: int,
+                       global_step: int, distilling: bool) -> str:
+    """Where training diverged and which loss term(s) did it: enough to act on without a rerun."""
+    values = {k: float(v.detach().float().sum()) for k, v in terms.items()}
+    bad = {k: v for k, v in values.items() if not math.isfinite(v)}
+    if len(bad) == 1:
+        (name, value), = bad.items()
+        what = f"term '{name}' is {value}"
+    elif bad:
+        what = "terms " + ", ".join(f"'{k}' ({v})" for k, v in bad.items()) + " are non-finite"
+    else:
+        what = f"every term is finite but their sum is {float(loss)}"
+    listed = ", ".join(f"{k}={v:.4g}" for k, v in values.items())
+    fix = "check the distiller's inputs" if distilling else "check the model's outputs and the data"
+    return (f"non-finite loss at epoch {epoch}, step {step} (global step {global_step}): {what} "
+            f"({listed}); lower the learning rate or {fix}")
+
+
 class Tapped:
     """A model and the points (module paths) where distillers may read it."""
 
@@ -140,6 +158,7 @@ def fit(model: nn.Module, data: TaskData, task: Task, training: Training, seed: 
 
     history: list[dict] = []
     best_score, best_state, best_epoch = None, None, None
+    global_step = 0  # optimizer steps so far, over every epoch (1-based, like ``step`` and ``epoch``)
     try:
         for epoch in range(1, training.epochs + 1):
             start = time.perf_counter()
@@ -147,7 +166,8 @@ def fit(model: nn.Module, data: TaskData, task: Task, training: Training, seed: 
             extra.train()
             sums: dict[str, float] = defaultdict(float)
             seen = 0
-            for indices in loader:
+            for step, indices in enumerate(loader, start=1):
+                global_step += 1
                 x, y = train_x[indices], train_y[indices]
                 if data.train_transform is not None:
                     x = data.train_transform(x, generator)
@@ -169,8 +189,8 @@ def fit(model: nn.Module, data: TaskData, task: Task, training: Training, seed: 
                                                    label_smoothing=training.label_smoothing)}
                 loss = sum(terms.values())
                 if not torch.isfinite(loss):
-                    raise FloatingPointError(f"non-finite loss at epoch {epoch}: "
-                                             + ", ".join(f"{k}={v.item():.4g}" for k, v in terms.items()))
+                    raise FloatingPointError(non_finite_message(terms, loss, epoch, step, global_step,
+                                                                distiller is not None))
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 if training.grad_clip:
