@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sqlite3
 import sys
 from pathlib import Path
 
@@ -25,37 +26,173 @@ def cmd_run(args) -> int:
     from .report.summary import frame, latest_configs, summarize
     from .report.tables import leaderboard_blocks
     from .plugins import get_plugins
-    from .runner import run_experiment
+    from .runner import build_executor, run_experiment
     from .store import Store
     from .teachers import CACHE_ENV, default_cache_dir
 
     plugins = get_plugins()
-    experiment = load_experiment(args.experiment, plugins, args.set)  # every error before any work
-    if args.executor is not None:
-        plugins.get("executor", args.executor, "--executor")
+    # Every check of the input comes before anything is written.
+    experiment = load_experiment(args.experiment, plugins, args.set)
+    if not experiment.cells():
+        raise KdbenchError(f"experiment '{experiment.name}' has an empty grid (no task, pair, recipe "
+                           "or seed); list at least one of each")
+    for i, task in enumerate(experiment.tasks):
+        try:
+            plugins.get("task", task.name).build(task.params).check()
+        except (FileNotFoundError, ValueError) as exc:
+            raise KdbenchError(f"tasks[{i}] ({task.name}): {exc}") from None
+    name, overrides = executor_choice(args)
+    executor = build_executor(plugins, experiment, name, overrides)
     check_device(args.device)
     if args.threads is not None:
         import torch
         if args.threads < 1:
             raise KdbenchError(f"--threads must be at least 1, got {args.threads}")
         torch.set_num_threads(args.threads)
+    if args.cell_timeout is not None and args.cell_timeout <= 0:
+        raise KdbenchError(f"--cell-timeout must be a positive number of seconds, got {args.cell_timeout:g}")
     cache_dir = Path(args.cache_dir) if args.cache_dir else default_cache_dir()
     # Plugins that cache files of their own (dequantized pretrained weights) use the same place.
     os.environ[CACHE_ENV] = str(cache_dir)
-    with Store(args.store) as store:
-        summary = run_experiment(experiment, store, plugins, cache_dir, args.executor,
-                                 progress=None if args.quiet else sys.stderr, device=args.device)
-        records, _ = latest_configs(store.records(experiment.name))
+    if args.dry_run:
+        return dry_run(experiment, plugins, args, cache_dir)
+    check_store_writable(Path(args.store))
+    executor.start()  # a scheduler that does not answer fails here, before the store is touched
+    try:
+        try:
+            store = Store(args.store)
+        except (OSError, sqlite3.Error) as exc:
+            raise KdbenchError(f"--store {args.store}: cannot create or open it ({exc}); choose a "
+                               "path in a folder you can write") from None
+        with store:
+            summary = run_experiment(experiment, store, plugins, cache_dir, executor,
+                                     progress=None if args.quiet else sys.stderr, device=args.device,
+                                     retry_failed=args.retry_failed, cell_timeout=args.cell_timeout)
+            records, _ = latest_configs(store.records(experiment.name))
+    finally:
+        executor.close()
     print(render.to_markdown(leaderboard_blocks(summarize(frame(records, plugins)))))
-    print(f"{summary.total} cells: {summary.done} run now, {summary.skipped} already done, "
-          f"{len(summary.failed)} failed. Results in {args.store}.", file=sys.stderr)
+    print(f"{summary.total} cells: {summary.done} run now, {summary.skipped} not for this run, "
+          f"{summary.taken} taken by another run, {len(summary.failed)} failed. "
+          f"Results in {args.store}.", file=sys.stderr)
     for rec in summary.failed:
         print(f"  FAILED {rec.role} {rec.task} | {rec.teacher} -> {rec.student} | {rec.recipe} | "
               f"seed {rec.seed}: {rec.error}", file=sys.stderr)
-    if summary.failed:
-        print("Fix the cause and run the same command again: finished cells are kept, "
-              "failed ones are retried.", file=sys.stderr)
+    if summary.failed or summary.failed_earlier:
+        print("Fix the cause and run the same command with --retry-failed: finished cells are kept, "
+              "only the failed ones run again.", file=sys.stderr)
     return summary.exit_code
+
+
+def executor_choice(args) -> tuple[str | None, dict]:
+    """``--executor`` and its settings; ``--workers`` alone means processes, ``--scheduler``
+    alone means dask."""
+    overrides = {}
+    if args.workers is not None:
+        overrides["workers"] = args.workers
+    if args.scheduler is not None:
+        overrides["scheduler"] = args.scheduler
+    name = args.executor
+    if name is None and args.scheduler is not None:
+        name = "dask"
+    elif name is None and args.workers is not None:
+        name = "processes"
+    if name == "local" and overrides:
+        raise KdbenchError("--workers and --scheduler do not apply to the local executor (serial, in "
+                           "this process); use --executor processes or --executor dask")
+    if args.scheduler is not None and name != "dask":
+        raise KdbenchError(f"--scheduler applies to the dask executor, not '{name}'; drop --executor "
+                           "or use --executor dask")
+    return name, overrides
+
+
+def check_store_writable(path: Path) -> None:
+    """A store that cannot be written fails before any cell runs, not after the first one."""
+    folder = path.parent if str(path.parent) else Path(".")
+    existing = next((p for p in [folder, *folder.parents] if p.exists()), None)
+    if path.is_dir():
+        raise KdbenchError(f"--store {path}: is a directory; name a file, e.g. {path / 'results.db'}")
+    if path.exists() and not os.access(path, os.W_OK):
+        raise KdbenchError(f"--store {path}: the file is not writable; fix its permissions or choose "
+                           "another path")
+    if existing is not None and not existing.is_dir():
+        raise KdbenchError(f"--store {path}: {existing} is a file, not a folder; choose another path")
+    if not path.exists() and (existing is None or not os.access(existing, os.W_OK | os.X_OK)):
+        raise KdbenchError(f"--store {path}: cannot create it, {existing} is not writable; choose a "
+                           "path in a folder you can write")
+
+
+def dry_run(experiment, plugins, args, cache_dir: Path) -> int:
+    """The cells, which are finished, which teachers are cached, and the time left (from the
+    wall time of the experiment's finished cells, per recipe where there are any)."""
+    import datetime as dt
+    import statistics
+
+    from .runner import cell_labels, plan_run
+    from .store import Store
+    from .teachers import teacher_path
+
+    path = Path(args.store)
+    store = Store(path) if path.exists() else None
+    try:
+        status = store.statuses() if store else {}
+        claimed = store.claimed_elsewhere() if store else {}
+        records = store.records(experiment.name) if store else []
+    finally:
+        if store:
+            store.close()
+
+    def seconds(rec):
+        span = dt.datetime.fromisoformat(rec.finished_at) - dt.datetime.fromisoformat(rec.started_at)
+        return span.total_seconds()
+
+    by_recipe: dict[tuple, list[float]] = {}
+    for rec in records:
+        if rec.ok:
+            by_recipe.setdefault((rec.role, rec.recipe), []).append(seconds(rec))
+    every = [t for (role, _), ts in by_recipe.items() if role == "student" for t in ts]
+    wanted = ("failed",) if args.retry_failed else (None,)
+    left, unknown_left = 0.0, 0
+    rows, teachers = [], {}
+    for cell in experiment.cells():
+        cid = cell.cell_id(plugins)
+        state = status.get(cid, "pending")
+        if cid in claimed:
+            state = f"running ({claimed[cid]})"
+        runs = status.get(cid) in wanted and cid not in claimed
+        if runs:
+            guess = by_recipe.get(("student", cell.recipe)) or every
+            if guess:
+                left += statistics.median(guess)
+            else:
+                unknown_left += 1
+        job = cell.teacher_job(plugins)
+        family = plugins.get("model", job.teacher.name).build(job.teacher.params)
+        cached = family.pretrained or teacher_path(cache_dir, job).exists()
+        teachers[job.cell_id] = (job, cached)
+        labels = cell_labels(cell)
+        rows.append((labels["task"], labels["teacher"], labels["student"], cell.recipe, str(cell.seed),
+                     state + (" (will run)" if runs else ""), "yes" if cached else "no"))
+    header = ("task", "teacher", "student", "recipe", "seed", "status", "teacher cached")
+    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
+    for row in [header, *rows]:
+        print("  ".join(v.ljust(w) for v, w in zip(row, widths)).rstrip())
+    to_train = [job for job, cached in teachers.values() if not cached]
+    teacher_times = [t for (role, _), ts in by_recipe.items() if role == "teacher" for t in ts]
+    if to_train:
+        if teacher_times:
+            left += len(to_train) * statistics.median(teacher_times)
+        else:
+            unknown_left += len(to_train)
+    n_run = sum(r[5].endswith("(will run)") for r in rows)
+    estimate = f"about {left / 60:.1f} min" if left or not unknown_left else "unknown"
+    if unknown_left and left:
+        estimate += f" plus {unknown_left} job(s) with no finished cell to time them by"
+    print(f"\n{len(rows)} cells: {sum(r[5] == 'done' for r in rows)} done, "
+          f"{sum(r[5].startswith('failed') for r in rows)} failed, {n_run} to run; "
+          f"{len(to_train)} of {len(teachers)} teacher(s) to train; time left: {estimate}. "
+          "Nothing was run.")
+    return 0
 
 
 def check_device(device: str) -> None:
@@ -338,6 +475,16 @@ def build_parser() -> argparse.ArgumentParser:
                      "latency is always measured on the CPU")
     run.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice); "
                      "recorded with every row")
+    run.add_argument("--workers", type=int, help="worker processes (processes or dask executor; "
+                     "alone it selects processes; default: fill the machine)")
+    run.add_argument("--scheduler", metavar="ADDRESS", help="a running Dask scheduler, e.g. "
+                     "tcp://HOST:8786 (selects the dask executor)")
+    run.add_argument("--cell-timeout", type=float, metavar="SECONDS",
+                     help="a cell running longer is stopped and recorded as failed")
+    run.add_argument("--retry-failed", action="store_true",
+                     help="run only the cells (and teachers) recorded as failed")
+    run.add_argument("--dry-run", action="store_true", help="list the cells, their status, the "
+                     "cached teachers and the time left; run nothing")
     run.add_argument("--quiet", action="store_true", help="no progress lines")
     run.set_defaults(func=cmd_run)
 

@@ -65,6 +65,10 @@ class Task(Component):
     #: Keys of the experiment file's ``training`` block; the file overrides them.
     default_training: ClassVar[dict[str, Any]] = {}
 
+    def check(self) -> None:
+        """Cheap checks of what ``load`` will need (a dataset folder, its files), run before
+        any work: raise ``FileNotFoundError`` or ``ValueError`` saying how to fix it."""
+
     def load(self) -> TaskData:
         raise NotImplementedError
 
@@ -253,10 +257,29 @@ class Decomposer(Compressor):
 
 # ---------------------------------------------------------------- executors
 class Executor(Component):
-    """Runs independent jobs; results come back to the one process that writes the store."""
+    """Runs independent jobs; results come back to the one process that writes the store.
 
-    def map(self, fn: Callable[[Any], Any], jobs: Iterable[Any]) -> Iterator[tuple[Any, Any]]:
-        """Yield ``(job, fn(job))`` as each job finishes. ``fn`` never raises."""
+    Lifecycle: ``start()`` once before the store is opened (raise ``KdbenchError`` for
+    settings that cannot work, e.g. a scheduler that does not answer, so that nothing is
+    written), then ``map`` once per phase (teachers, then student cells), then ``close()``.
+    """
+
+    def start(self) -> None:
+        """Acquire workers (a pool, a cluster client). Called once, before any ``map``."""
+
+    def close(self) -> None:
+        """Release what ``start`` acquired. Called once, also after an error."""
+
+    def map(self, fn: Callable[[Any], Any], jobs: Iterable[Any],
+            lost: Callable[[Any, str], Any]) -> Iterator[tuple[Any, Any]]:
+        """Yield ``(job, fn(job))`` as each job finishes, in any order.
+
+        Take a job from ``jobs`` only when a worker is free to start it: the runner claims
+        each cell in the store as it is taken, so that two runs on one store share the grid
+        and a killed run leaves unclaimed cells to the other. ``fn`` is picklable and never
+        raises. A job whose worker died (killed, out of memory) yields ``(job, lost(job,
+        reason))``, computed here, and the others go on.
+        """
         raise NotImplementedError
 
 

@@ -7,12 +7,15 @@ cells run. A cell that raises is stored as failed with its traceback; the others
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import ctypes
 import dataclasses
 import datetime as dt
 import functools
 import random
 import sys
+import threading
 import time
 import traceback
 from collections.abc import Callable
@@ -36,24 +39,87 @@ from .training import Tapped, Teacher, fit, predict
 @dataclasses.dataclass
 class RunSummary:
     total: int  # student cells in the grid
-    skipped: int  # already done before this run
+    skipped: int  # not for this run: done before (or failed, without --retry-failed)
     done: int  # student cells finished now
     failed: list[Record]  # teacher jobs and student cells that failed now
+    taken: int = 0  # jobs another run sharing the store claimed or finished first
+    failed_earlier: int = 0  # failed cells left alone (no --retry-failed)
 
     @property
     def exit_code(self) -> int:
         return 1 if self.failed else 0
 
 
-class CellRunner:
-    """Runs teacher jobs and student cells in one process; picklable state only."""
+class CellTimeout(Exception):
+    """A cell ran past ``--cell-timeout``."""
 
-    def __init__(self, plugins: Plugins, cache_dir: Path, device: str = "cpu"):
+
+class _Expired(BaseException):
+    """Raised asynchronously into the cell's thread; a BaseException so that no ``except
+    Exception`` inside a plugin swallows it. Turned into ``CellTimeout`` at the boundary."""
+
+
+@contextlib.contextmanager
+def deadline(seconds: float | None, what: str):
+    """Raise ``CellTimeout`` in this thread once ``seconds`` have passed.
+
+    A watchdog thread raises it asynchronously (``PyThreadState_SetAsyncExc``), which works in
+    any thread (a Dask worker runs cells in threads, where signals cannot reach) and takes
+    effect at the next Python bytecode, i.e. after the running torch operation returns. A lock
+    and the clearing of a pending exception keep a late watchdog from hitting code after the
+    block.
+    """
+    if not seconds:
+        yield
+        return
+    tid, lock, state = threading.get_ident(), threading.Lock(), {"armed": True, "fired": False}
+    set_async = ctypes.pythonapi.PyThreadState_SetAsyncExc
+
+    def fire():
+        with lock:
+            if state["armed"]:
+                state["fired"] = True
+                set_async(ctypes.c_ulong(tid), ctypes.py_object(_Expired))
+
+    timer = threading.Timer(seconds, fire)
+    timer.daemon = True
+    timer.start()
+    try:
+        yield
+    except _Expired:
+        raise CellTimeout(f"{what} ran past --cell-timeout {seconds:g} s") from None
+    finally:
+        with lock:
+            state["armed"] = False
+            timer.cancel()
+            if state["fired"]:
+                set_async(ctypes.c_ulong(tid), None)  # clear it if still pending
+    if state["fired"]:
+        raise CellTimeout(f"{what} ran past --cell-timeout {seconds:g} s")
+
+
+class CellRunner:
+    """Runs teacher jobs and student cells in one process.
+
+    Pickled to worker processes: the plugin manager is not picklable, so a worker loads the
+    installed plugins itself (plugins registered at run time exist only in this process)."""
+
+    def __init__(self, plugins: Plugins, cache_dir: Path, device: str = "cpu",
+                 cell_timeout: float | None = None):
         self.plugins = plugins
         self.cache_dir = Path(cache_dir)
         self.device = device
+        self.cell_timeout = cell_timeout
         self._data: dict[str, TaskData] = {}
         self._test_logits: dict[tuple, torch.Tensor] = {}
+
+    def __getstate__(self):
+        return {"cache_dir": self.cache_dir, "device": self.device, "cell_timeout": self.cell_timeout}
+
+    def __setstate__(self, state):
+        from .plugins import get_plugins
+
+        self.__init__(get_plugins(), **state)
 
     # ------------------------------------------------------------ shared pieces
     def data(self, task_ref) -> TaskData:
@@ -71,7 +137,8 @@ class CellRunner:
                  role: str, body: Callable[[], tuple[dict, list]]) -> Record:
         started = _now()
         try:
-            metrics, stages = body()
+            with deadline(self.cell_timeout, f"the {role} cell"):
+                metrics, stages = body()
             status, error, tb = "done", None, None
         except Exception as exc:  # a broken cell must not stop the grid
             metrics, stages = {}, []
@@ -79,14 +146,32 @@ class CellRunner:
         return Record(cell_id=cell_id, experiment=experiment, role=role, status=status,
                       metrics=metrics, config=config(), stages=stages,
                       environment={**environment(), "device": self.device,
+                                   "seeds": seeds_of(labels["seed"]),
                                    "plugins": dict(self.plugins.versions)},
                       started_at=started, finished_at=_now(), error=error, traceback=tb, **labels)
+
+    def failed_record(self, job, error: str) -> Record:
+        """A failure recorded without running ``job`` (a cell or a teacher job)."""
+        now = _now()
+        if isinstance(job, TeacherJob):
+            ids = dict(cell_id=job.cell_id, experiment=job.experiment.name, role="teacher",
+                       config=job.config(), **job.labels())
+        else:
+            ids = dict(cell_id=job.cell_id(self.plugins), experiment=job.experiment.name, role="student",
+                       config=job.config(self.plugins), **cell_labels(job))
+        return Record(status="failed", metrics={}, stages=[], started_at=now, finished_at=now,
+                      environment={**environment(), "device": self.device}, error=error, **ids)
+
+    def lost_record(self, job, reason: str) -> Record:
+        """The record of a job whose worker died under it (killed, out of memory)."""
+        return self.failed_record(job, f"WorkerLost: {reason}")
 
     # ------------------------------------------------------------ teacher jobs
     def run_teacher(self, job: TeacherJob) -> Record:
         self.plugins.pm.hook.kdbench_cell_started(cell=job)
 
         def body():
+            seed_everything(job.seed)
             cached = self.teacher(job)
             task = self.plugins.get("task", job.task.name).build(job.task.params)
             metrics = measure(export(cached.model), self.data(job.task), task, None,
@@ -295,76 +380,164 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+def seeds_of(seed: int) -> dict[str, int]:
+    """The seeds a cell gave each generator (``seed_everything``), recorded with its result."""
+    return {"python": seed, "numpy": seed, "torch": seed}
+
+
 def _now() -> str:
     return dt.datetime.now(dt.timezone.utc).isoformat(timespec="milliseconds")
 
 
-def run_experiment(experiment: Experiment, store: Store, plugins: Plugins, cache_dir: Path,
-                   executor_name: str | None = None, progress: TextIO | None = sys.stderr,
-                   device: str = "cpu") -> RunSummary:
-    """Run every cell of the grid that the store does not hold as done."""
-    ref = experiment.executor
-    if executor_name is not None:
-        executor = plugins.build("executor", executor_name, where="--executor")
-    elif ref is not None:
-        executor = plugins.get("executor", ref.name).build(ref.params)
-    else:
-        executor = plugins.build("executor", "local")
-    runner = CellRunner(plugins, cache_dir, device)
-    done = store.done_ids()
-    cells = experiment.cells()
-    pending = [c for c in cells if c.cell_id(plugins) not in done]
-    pending_ids = {id(c) for c in pending}
+@dataclasses.dataclass
+class Plan:
+    """What a run would do: the grid's cells, their stored state, the teachers to obtain."""
 
+    cells: list[Cell]
+    status: dict[str, str]  # cell id -> 'done' | 'failed' (absent: never finished)
+    claimed: dict[str, str]  # cell id -> the other live run working on it
+    pending: list[Cell]  # the cells this run will try to claim
+    teacher_jobs: list[TeacherJob]  # teachers a pending cell needs whose row is missing or failed
+
+    def failed_left(self, plugins: Plugins, retry_failed: bool) -> int:
+        """Failed cells this run leaves alone (rerun with ``--retry-failed``)."""
+        return 0 if retry_failed else sum(self.status.get(c.cell_id(plugins)) == "failed" for c in self.cells)
+
+
+def plan_run(experiment: Experiment, store: Store, plugins: Plugins, retry_failed: bool = False) -> Plan:
+    """The cells a run does: those never finished, or with ``retry_failed`` those that failed."""
+    status = store.statuses()
+    wanted = ("failed",) if retry_failed else (None,)
+    cells = experiment.cells()
+    pending = [c for c in cells if status.get(c.cell_id(plugins)) in wanted]
     jobs: dict[str, TeacherJob] = {}
-    for cell in cells:
+    for cell in pending:
         job = cell.teacher_job(plugins)
-        if id(cell) in pending_ids or job.cell_id not in done:
+        if status.get(job.cell_id) != "done":
             jobs.setdefault(job.cell_id, job)
-    teacher_jobs = [j for j in jobs.values() if j.cell_id not in done]
     # Teachers whose row exists but whose weights a pending cell needs are loaded or
     # retrained inside that cell (the cache is keyed by the same hash).
+    return Plan(cells, status, store.claimed_elsewhere(), pending, list(jobs.values()))
 
-    say = (lambda msg: print(msg, file=progress, flush=True)) if progress else (lambda msg: None)
-    say(f"kdbench: experiment '{experiment.name}': {len(cells)} cells, {len(cells) - len(pending)} "
-        f"already done, {len(pending)} to run; {len(teacher_jobs)} teacher(s) to train or load")
+
+class Progress:
+    """The grid's progress: a tqdm bar (cells done, failed, remaining, ETA) on a terminal,
+    one line per finished cell otherwise (logs and CI), nothing when quiet."""
+
+    def __init__(self, stream: TextIO | None, total: int):
+        self.stream, self.bar, self.failed = stream, None, 0
+        if stream is not None and getattr(stream, "isatty", lambda: False)():
+            from tqdm import tqdm
+            self.bar = tqdm(total=total, file=stream, unit="cell", dynamic_ncols=True, leave=True)
+
+    def say(self, msg: str) -> None:
+        if self.bar is not None:
+            self.bar.write(msg, file=self.stream)
+        elif self.stream is not None:
+            print(msg, file=self.stream, flush=True)
+
+    def advance(self, ok: bool) -> None:
+        self.failed += not ok
+        if self.bar is not None:
+            self.bar.set_postfix(failed=self.failed, refresh=False)
+            self.bar.update(1)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+def build_executor(plugins: Plugins, experiment: Experiment, name: str | None = None,
+                   overrides: dict | None = None):
+    """The executor of the command line (``--executor``, ``--workers``, ``--scheduler``), else
+    the experiment file's, else ``local``; overrides apply to the file's executor too."""
+    ref = experiment.executor
+    if name is None:
+        name = ref.name if ref is not None else "local"
+    params = dict(ref.params) if ref is not None and ref.name == name else {}
+    params.update(overrides or {})
+    return plugins.build("executor", name, params, where="--executor")
+
+
+def run_experiment(experiment: Experiment, store: Store, plugins: Plugins, cache_dir: Path,
+                   executor=None, progress: TextIO | None = sys.stderr, device: str = "cpu",
+                   retry_failed: bool = False, cell_timeout: float | None = None) -> RunSummary:
+    """Run every cell of the grid that the store does not hold (with ``retry_failed``: every
+    cell it holds as failed), claiming each one as it starts, so that runs sharing the store
+    split the grid between them. ``executor``: a started executor, or a name (default: the
+    experiment's, else local)."""
+    if executor is None or isinstance(executor, str):
+        executor = build_executor(plugins, experiment, executor)
+        executor.start()
+        owned = True
+    else:
+        owned = False
+    runner = CellRunner(plugins, cache_dir, device, cell_timeout)
+    plan = plan_run(experiment, store, plugins, retry_failed)
+    cells, pending, teacher_jobs = plan.cells, plan.pending, plan.teacher_jobs
+    left_failed = plan.failed_left(plugins, retry_failed)
+    bar = Progress(progress, len(teacher_jobs) + len(pending))
+    bar.say(f"kdbench: experiment '{experiment.name}': {len(cells)} cells, "
+            f"{sum(plan.status.get(c.cell_id(plugins)) == 'done' for c in cells)} already done, "
+            f"{len(pending)} to run" + (f", {left_failed} failed earlier (kept; --retry-failed reruns them)"
+                                         if left_failed else "")
+            + f"; {len(teacher_jobs)} teacher(s) to train or load")
 
     failed: list[Record] = []
     failed_teachers: dict[str, Record] = {}
-    finished = 0
+    finished = taken = done_students = 0
     total = len(teacher_jobs) + len(pending)
+    statuses = ("failed",) if retry_failed else (None,)
+
+    def claimed(items, cell_id_of):
+        """Each job as a worker is free for it, if this run could claim it in the store."""
+        nonlocal taken
+        for item in items:
+            if store.claim(cell_id_of(item), statuses):
+                yield item
+            else:  # another run holds it or has just finished it
+                taken += 1
+                bar.advance(True)
 
     def record(job, rec: Record, kind: str) -> None:
-        nonlocal finished
+        nonlocal finished, done_students
+        rec.environment["run"] = store.owner  # which run (host:pid:tag) produced the row
         store.put(rec)
+        done_students += rec.ok and rec.role == "student"
         plugins.pm.hook.kdbench_cell_finished(cell=job, record=rec)
         finished += 1
         name = f"{rec.task} | {rec.teacher} -> {rec.student} | {rec.recipe} | seed {rec.seed}"
         if rec.ok:
             metric = next((k for k in rec.metrics if k.startswith("test_")), None)
             score = f"{metric}={rec.metrics[metric]:.4f}" if metric else ""
-            say(f"[{finished}/{total}] {kind} {name}: ok {score}")
+            bar.say(f"[{finished + taken}/{total}] {kind} {name}: ok {score}")
         else:
             failed.append(rec)
-            say(f"[{finished}/{total}] {kind} {name}: FAILED {rec.error}")
+            bar.say(f"[{finished + taken}/{total}] {kind} {name}: FAILED {rec.error}")
+        bar.advance(rec.ok)
 
-    for job, rec in executor.map(runner.run_teacher, teacher_jobs):
-        record(job, rec, "teacher")
-        if not rec.ok:
-            failed_teachers[job.teacher_key] = rec
-    # A cell whose teacher failed fails at once, naming the cause, rather than retrying it.
-    runnable = []
-    for cell in pending:
-        cause = failed_teachers.get(cell.teacher_job(plugins).teacher_key)
-        if cause is None:
-            runnable.append(cell)
-            continue
-        now = _now()
-        record(cell, Record(cell_id=cell.cell_id(plugins), experiment=experiment.name, role="student",
-                            status="failed", metrics={}, config=cell.config(plugins), stages=[],
-                            environment=environment(), started_at=now, finished_at=now,
-                            error=f"its teacher failed: {cause.error}", **cell_labels(cell)), "cell")
-    for cell, rec in executor.map(runner.run_cell, runnable):
-        record(cell, rec, "cell")
-    return RunSummary(total=len(cells), skipped=len(cells) - len(pending),
-                      done=len(pending) - sum(r.role == "student" for r in failed), failed=failed)
+    store.start_heartbeat()
+    try:
+        for job, rec in executor.map(runner.run_teacher, claimed(teacher_jobs, lambda j: j.cell_id),
+                                     runner.lost_record):
+            record(job, rec, "teacher")
+            if not rec.ok:
+                failed_teachers[job.teacher_key] = rec
+        # A cell whose teacher failed fails at once, naming the cause, rather than retrying it.
+        runnable = []
+        for cell in pending:
+            cause = failed_teachers.get(cell.teacher_job(plugins).teacher_key)
+            if cause is None:
+                runnable.append(cell)
+            elif store.claim(cell.cell_id(plugins), statuses):
+                record(cell, runner.failed_record(cell, f"its teacher failed: {cause.error}"), "cell")
+        for cell, rec in executor.map(runner.run_cell, claimed(runnable, lambda c: c.cell_id(plugins)),
+                                      runner.lost_record):
+            record(cell, rec, "cell")
+    finally:
+        store.stop_heartbeat()
+        bar.close()
+        if owned:
+            executor.close()
+    return RunSummary(total=len(cells), skipped=len(cells) - len(pending), done=done_students,
+                      failed=failed, taken=taken, failed_earlier=left_failed)

@@ -2,14 +2,26 @@
 
 Each cell is written in its own transaction, so a run killed at any moment leaves every
 finished cell intact and the rerun only does what is missing. WAL mode lets readers (a
-leaderboard) work while a run writes.
+leaderboard) work while a run writes, and a busy timeout makes concurrent writers wait
+rather than fail with "database is locked".
+
+Several runs may share one store (two terminals, or a workstation and a cluster job): a run
+*claims* a cell in a transaction before it starts it, so no cell runs twice. A claim belongs
+to one run (host, pid, a random tag) and is kept alive by a heartbeat; the claim of a run
+that died (its pid is gone on this host, or its heartbeat is older than ``STALE_SECONDS``)
+is taken over by the next run that wants the cell.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import os
+import socket
 import sqlite3
+import threading
+import time
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -34,7 +46,18 @@ CREATE TABLE IF NOT EXISTS cells (
     finished_at TEXT NOT NULL
 );
 """
+CLAIMS = """
+CREATE TABLE IF NOT EXISTS claims (
+    cell_id     TEXT PRIMARY KEY,
+    owner       TEXT NOT NULL,          -- host:pid:tag of the run that works on the cell
+    host        TEXT NOT NULL,
+    pid         INTEGER NOT NULL,
+    heartbeat   REAL NOT NULL           -- unix time the owner last said it is alive
+);
+"""
 JSON_COLUMNS = ("metrics", "config", "stages", "environment")
+STALE_SECONDS = 300.0  # a claim whose owner has not beaten for this long is abandoned
+HEARTBEAT_SECONDS = 30.0
 
 
 @dataclasses.dataclass
@@ -64,16 +87,34 @@ class Record:
         return self.status == "done"
 
 
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process: it exists
+        return True
+    return True
+
+
+def _connect(path: Path) -> sqlite3.Connection:
+    db = sqlite3.connect(path, timeout=60, isolation_level=None)
+    db.execute("PRAGMA busy_timeout=60000")
+    return db
+
+
 class Store:
     def __init__(self, path: str | Path):
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._db = sqlite3.connect(self.path, timeout=30, isolation_level=None)
+        self._db = _connect(self.path)
         self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute("PRAGMA busy_timeout=30000")
-        self._db.executescript(SCHEMA)
+        self._db.executescript(SCHEMA + CLAIMS)
+        self.owner = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+        self._beating: threading.Event | None = None
 
     def close(self) -> None:
+        self.stop_heartbeat()
         self._db.close()
 
     def __enter__(self) -> "Store":
@@ -88,9 +129,73 @@ class Store:
             row[col] = json.dumps(row[col], sort_keys=True, default=str)
         cols = ", ".join(row)
         marks = ", ".join(f":{c}" for c in row)
-        with self._db:  # one transaction per cell
+        with self._db:  # one transaction per cell: the row and the end of its claim
             self._db.execute("BEGIN IMMEDIATE")
             self._db.execute(f"INSERT OR REPLACE INTO cells ({cols}) VALUES ({marks})", row)
+            self._db.execute("DELETE FROM claims WHERE cell_id = ?", (record.cell_id,))
+
+    # ------------------------------------------------------------ claims
+    def claim(self, cell_id: str, statuses: tuple[str | None, ...] = (None,)) -> bool:
+        """Take ``cell_id`` for this run if its stored status is one of ``statuses`` (None: no
+        row yet) and no live run holds it; atomic against every other process."""
+        with self._db:
+            self._db.execute("BEGIN IMMEDIATE")
+            row = self._db.execute("SELECT status FROM cells WHERE cell_id = ?", (cell_id,)).fetchone()
+            if (row[0] if row else None) not in statuses:
+                return False
+            holder = self._db.execute("SELECT owner, host, pid, heartbeat FROM claims WHERE cell_id = ?",
+                                      (cell_id,)).fetchone()
+            if holder and holder[0] != self.owner and self._alive(*holder[1:]):
+                return False
+            self._db.execute("INSERT OR REPLACE INTO claims VALUES (?, ?, ?, ?, ?)",
+                             (cell_id, self.owner, socket.gethostname(), os.getpid(), time.time()))
+        return True
+
+    def release(self, cell_id: str) -> None:
+        """Give a claimed cell back without a result (it was never started)."""
+        with self._db:
+            self._db.execute("DELETE FROM claims WHERE cell_id = ? AND owner = ?", (cell_id, self.owner))
+
+    def claimed_elsewhere(self) -> dict[str, str]:
+        """Cells that another live run is working on, with that run's owner tag."""
+        rows = self._db.execute("SELECT cell_id, owner, host, pid, heartbeat FROM claims").fetchall()
+        return {cell: owner for cell, owner, *holder in rows
+                if owner != self.owner and self._alive(*holder)}
+
+    @staticmethod
+    def _alive(host: str, pid: int, heartbeat: float) -> bool:
+        if time.time() - heartbeat > STALE_SECONDS:
+            return False
+        return host != socket.gethostname() or _pid_alive(pid)
+
+    def start_heartbeat(self, every: float = HEARTBEAT_SECONDS) -> None:
+        """Refresh this run's claims in the background (its own connection: a cell can run
+        for hours without touching the store)."""
+        if self._beating is not None:
+            return
+        self._beating = stop = threading.Event()
+
+        def beat():
+            db = _connect(self.path)
+            try:
+                while not stop.wait(every):
+                    with db:
+                        db.execute("UPDATE claims SET heartbeat = ? WHERE owner = ?", (time.time(), self.owner))
+            finally:
+                db.close()
+
+        threading.Thread(target=beat, name="kdbench-heartbeat", daemon=True).start()
+
+    def stop_heartbeat(self) -> None:
+        if self._beating is not None:
+            self._beating.set()
+            self._beating = None
+        with self._db:  # claims of cells this run did not finish go back at once
+            self._db.execute("DELETE FROM claims WHERE owner = ?", (self.owner,))
+
+    def statuses(self) -> dict[str, str]:
+        """Stored status ('done' or 'failed') by cell id."""
+        return dict(self._db.execute("SELECT cell_id, status FROM cells"))
 
     def done_ids(self) -> set[str]:
         return {r[0] for r in self._db.execute("SELECT cell_id FROM cells WHERE status = 'done'")}

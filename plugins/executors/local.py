@@ -10,7 +10,7 @@ class Local(Executor):
     name = "local"
     description = "serial, in this process; results in grid order"
 
-    def map(self, fn, jobs):
+    def map(self, fn, jobs, lost):
         for job in jobs:
             yield job, fn(job)
 

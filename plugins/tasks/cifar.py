@@ -172,6 +172,9 @@ class CIFAR(Task):
             if self.val_size < 1:
                 raise ValueError(f"val_size must be positive, got {self.val_size}")
 
+    def check(self) -> None:
+        locate(self.layout, self.params.root, self.name)
+
     def load(self) -> TaskData:
         layout, p = self.layout, self.params
         folder = locate(layout, p.root, self.name)
