@@ -110,6 +110,7 @@ class CellRunner:
         self.cache_dir = Path(cache_dir)
         self.device = device
         self.cell_timeout = cell_timeout
+        self.epoch_bars: TextIO | None = None  # a terminal: one bar per training stage
         self._data: dict[str, TaskData] = {}
         self._test_logits: dict[tuple, torch.Tensor] = {}
 
@@ -120,6 +121,22 @@ class CellRunner:
         from .plugins import get_plugins
 
         self.__init__(get_plugins(), **state)
+
+    @contextlib.contextmanager
+    def epoch_bar(self, epochs: int, label: str):
+        """A tqdm bar over one training stage's epochs, on a terminal only (not in workers)."""
+        if self.epoch_bars is None:
+            yield None
+            return
+        from tqdm import tqdm
+
+        bar = tqdm(total=epochs, desc=label, unit="epoch", leave=False, file=self.epoch_bars,
+                   dynamic_ncols=True, position=1)
+        try:
+            yield lambda row: (bar.set_postfix(loss=f"{row.get('loss', float('nan')):.3g}", refresh=False),
+                               bar.update(1))
+        finally:
+            bar.close()
 
     # ------------------------------------------------------------ shared pieces
     def data(self, task_ref) -> TaskData:
@@ -293,8 +310,10 @@ class CellRunner:
                     student.attention_points, teacher.attention_points, training.epochs))
                 extra_params += sum(p.numel() for m in extra for p in m.parameters())
                 outputs = self.teacher_outputs(cell, job, teacher_family, cached.model, distiller, data, log)
-            return fit(model, data, task, training, cell.seed, distiller=distiller, teacher=teacher,
-                       student=student, extra_modules=extra, device=self.device, teacher_outputs=outputs)
+            with self.epoch_bar(training.epochs, f"{cell.recipe} seed {cell.seed}") as on_epoch:
+                return fit(model, data, task, training, cell.seed, distiller=distiller, teacher=teacher,
+                           student=student, extra_modules=extra, device=self.device,
+                           teacher_outputs=outputs, on_epoch=on_epoch)
 
         calibration_size = cell.experiment.measure.calibration_size
         # A seeded sample of the training split, the same for every recipe of a seed.
@@ -477,6 +496,8 @@ def run_experiment(experiment: Experiment, store: Store, plugins: Plugins, cache
     cells, pending, teacher_jobs = plan.cells, plan.pending, plan.teacher_jobs
     left_failed = plan.failed_left(plugins, retry_failed)
     bar = Progress(progress, len(teacher_jobs) + len(pending))
+    if bar.bar is not None:
+        runner.epoch_bars = progress
     bar.say(f"kdbench: experiment '{experiment.name}': {len(cells)} cells, "
             f"{sum(plan.status.get(c.cell_id(plugins)) == 'done' for c in cells)} already done, "
             f"{len(pending)} to run" + (f", {left_failed} failed earlier (kept; --retry-failed reruns them)"

@@ -118,8 +118,8 @@ class Teacher(Tapped):
 def fit(model: nn.Module, data: TaskData, task: Task, training: Training, seed: int, *,
         distiller: Distiller | None = None, teacher: Teacher | None = None,
         student: Tapped | None = None, extra_modules: list[nn.Module] | None = None,
-        device: str = "cpu", teacher_outputs: Callable[[torch.Tensor], torch.Tensor] | None = None
-        ) -> list[dict]:
+        device: str = "cpu", teacher_outputs: Callable[[torch.Tensor], torch.Tensor] | None = None,
+        on_epoch: Callable[[dict], None] | None = None) -> list[dict]:
     """Train ``model`` in place; return the per-epoch history.
 
     Without a distiller the loss is cross-entropy (with the configured label smoothing);
@@ -211,6 +211,8 @@ def fit(model: nn.Module, data: TaskData, task: Task, training: Training, seed: 
                 score = value if split == "val" else score
             row["seconds"] = time.perf_counter() - start
             history.append(row)
+            if on_epoch is not None:  # a progress bar
+                on_epoch(row)
             if training.checkpoint == "best" and (best_score is None or better(score, best_score)):
                 best_score, best_epoch = score, epoch
                 best_state = copy.deepcopy(model.state_dict())

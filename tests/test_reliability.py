@@ -236,3 +236,24 @@ def test_dry_run_lists_cells_status_teachers_and_time_left_and_runs_nothing(tiny
     assert "9 cells: 3 done, 0 failed, 6 to run; 2 of 3 teacher(s) to train; time left: about" in out
     lines = [line for line in out.splitlines() if line.startswith("digits")]
     assert len(lines) == 9 and sum(" done " in line for line in lines) == 3
+
+
+def test_progress_bars_on_a_terminal_lines_elsewhere(plugins, tiny_yaml, tmp_path, isolated_cache):
+    import io
+
+    class Terminal(io.StringIO):
+        def isatty(self):
+            return True
+
+    path = tiny_yaml()
+    for stream, db in ((Terminal(), "tty.db"), (io.StringIO(), "log.db")):
+        experiment = load_experiment(path, plugins)
+        with Store(tmp_path / db) as store:
+            run_experiment(experiment, store, plugins, isolated_cache, progress=stream)
+        out = stream.getvalue()
+        assert "cell digits | mlp(hidden=[64]) -> mlp(hidden=[16]) | kd | seed 0: ok" in out
+        if isinstance(stream, Terminal):
+            assert "4/4" in out and "failed=0" in out  # the grid's bar
+            assert "kd seed 0" in out and "epoch" in out  # a cell's epochs
+        else:
+            assert "\r" not in out  # a log: no bars
