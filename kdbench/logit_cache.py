@@ -201,3 +201,34 @@ def cached_topk(path, compute: Callable[[], TopKLogits]) -> tuple[TopKLogits, bo
     """
     return load_or_create(Path(path), TopKLogits.load, compute, TopKLogits._write,
                           "teacher outputs", "recomputing them")
+
+
+# ---------------------------------------------------------------- exact logits (classification)
+#: Dense logits are cached exactly when they take at most this many bytes (a classification
+#: task: 50,000 CIFAR images x 100 classes is 20 MB); larger outputs need a top-k cache.
+EXACT_LIMIT_BYTES = 512 * 2 ** 20
+
+
+def exact_key(teacher_key: str, task_spec: dict, split: str) -> str:
+    return digest({"teacher": teacher_key, "task": task_spec, "split": split, "exact": True,
+                   "format": FORMAT})
+
+
+@torch.no_grad()
+def compute_logits(model: nn.Module, inputs: torch.Tensor, batch_size: int = 256,
+                   device: str = "cpu") -> torch.Tensor:
+    """The model's raw float32 outputs on ``inputs``, in eval mode (as during distillation)."""
+    was_training = model.training
+    model.eval()
+    try:
+        return torch.cat([model(inputs[i:i + batch_size].to(device)).float().cpu()
+                          for i in range(0, len(inputs), batch_size)])
+    finally:
+        model.train(was_training)
+
+
+def cached_logits(path, compute: Callable[[], torch.Tensor]) -> tuple[torch.Tensor, bool]:
+    """Like ``cached_topk`` for a dense logits tensor: verified, locked, written atomically."""
+    return load_or_create(Path(path), lambda f: torch.load(f, map_location="cpu", weights_only=True),
+                          compute, lambda value, tmp: torch.save(value, tmp),
+                          "teacher logits", "recomputing them")

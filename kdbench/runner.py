@@ -212,23 +212,44 @@ class CellRunner:
 
     def teacher_outputs(self, cell: Cell, job: TeacherJob, family, model: nn.Module, distiller,
                         data: TaskData, log: list[dict]):
-        """The cached teacher outputs for the training split, when the experiment asks for them
-        and they are valid: a distiller that reads only outputs, data without augmentation."""
-        settings = cell.experiment.teacher_cache
-        if (settings is None or distiller.needs_features or distiller.needs_attention
-                or data.train_transform is not None):
+        """The teacher's outputs over the training split, computed once per (teacher, task,
+        split) and cached, when that is valid: a distiller that reads only outputs and data
+        without augmentation (the teacher then sees the same inputs every epoch). With the
+        experiment's ``teacher_cache: {top_k}`` they are top-k log-probabilities (language
+        models); otherwise the exact logits, when they fit ``EXACT_LIMIT_BYTES``. ``None``: the
+        teacher runs beside the student, batch by batch."""
+        if distiller.needs_features or distiller.needs_attention or data.train_transform is not None:
             return None
-        from .logit_cache import TopKLogits, cache_key, cached_topk
+        from .logit_cache import (EXACT_LIMIT_BYTES, TopKLogits, cache_key, cached_logits, cached_topk,
+                                  compute_logits, exact_key)
 
-        key = cache_key(self.teacher_identity(job, family), cell.task.spec(), "train", settings.top_k)
-        path = self.cache_dir / "teacher-outputs" / f"{key}.pt"
+        settings, inputs = cell.experiment.teacher_cache, data.train.tensors[0]
+        identity, folder = self.teacher_identity(job, family), self.cache_dir / "teacher-outputs"
         start = time.perf_counter()
-        topk, from_cache = cached_topk(path, lambda: TopKLogits.compute(
-            model, data.train.tensors[0], settings.top_k, device=self.device))
-        log.append({"op": "teacher-outputs", "top_k": settings.top_k, "from_cache": from_cache,
-                    "bytes_per_token": topk.bytes_per_token(), "positions": int(topk.log_rest.numel()),
-                    "seconds": time.perf_counter() - start})
-        return topk.log_probs
+        if settings is not None:
+            key = cache_key(identity, cell.task.spec(), "train", settings.top_k)
+            topk, from_cache = cached_topk(folder / f"{key}.pt", lambda: TopKLogits.compute(
+                model, inputs, settings.top_k, device=self.device))
+            entry = {"top_k": settings.top_k, "bytes_per_token": topk.bytes_per_token(),
+                     "positions": int(topk.log_rest.numel())}
+            outputs = topk.log_probs
+        else:
+            key = exact_key(identity, cell.task.spec(), "train")
+            memo_key = ("train-logits", key)  # kept in memory too: cells of a run share it
+            from_cache = memo_key in self._test_logits
+            if from_cache:
+                logits = self._test_logits[memo_key]
+            else:
+                one = compute_logits(model, inputs[:1], device=self.device)  # outputs per example
+                if len(inputs) * one.numel() * 4 > EXACT_LIMIT_BYTES:
+                    return None
+                logits, from_cache = cached_logits(folder / f"{key}.pt", lambda: compute_logits(
+                    model, inputs, device=self.device))
+                self._memo(memo_key, lambda: logits)
+            entry = {"exact": True, "bytes": logits.numel() * 4}
+            outputs = logits.__getitem__
+        log.append({**entry, "from_cache": from_cache, "seconds": time.perf_counter() - start})
+        return outputs
 
     def teacher_test_logits(self, job: TeacherJob, family, task_ref, model: nn.Module,
                             data: TaskData, batch_size: int) -> torch.Tensor:
@@ -295,6 +316,7 @@ class CellRunner:
         base = cell.student_training(self.plugins)
 
         log: list[dict] = []
+        outputs_log: list[dict] = []  # teacher outputs cached or read, per training stage
         extra_params = 0
 
         def train(model: nn.Module, training, ref) -> list[dict]:
@@ -309,7 +331,8 @@ class CellRunner:
                     model, teacher.model, data, student.feature_points, teacher.feature_points,
                     student.attention_points, teacher.attention_points, training.epochs))
                 extra_params += sum(p.numel() for m in extra for p in m.parameters())
-                outputs = self.teacher_outputs(cell, job, teacher_family, cached.model, distiller, data, log)
+                outputs = self.teacher_outputs(cell, job, teacher_family, cached.model, distiller, data,
+                                               outputs_log)
             with self.epoch_bar(training.epochs, f"{cell.recipe} seed {cell.seed}") as on_epoch:
                 return fit(model, data, task, training, cell.seed, distiller=distiller, teacher=teacher,
                            student=student, extra_modules=extra, device=self.device,
@@ -348,6 +371,9 @@ class CellRunner:
                 if not entry["history"]:
                     del entry["history"]
             entry["seconds"] = time.perf_counter() - start
+            if outputs_log:
+                entry["teacher_outputs"] = outputs_log[:]
+                outputs_log.clear()
             log.append(entry)
 
         deployable = export(model)
@@ -357,8 +383,9 @@ class CellRunner:
         metrics = measure(deployable, data, task, teacher_logits, cell.experiment.measure,
                           reference=export(teacher.model))
         # Computing the teacher's cached outputs is paid once for all cells: reported apart.
-        metrics["train_seconds"] = sum(e["seconds"] for e in log if e["op"] != "teacher-outputs")
-        metrics["teacher_outputs_seconds"] = sum(e["seconds"] for e in log if e["op"] == "teacher-outputs")
+        outputs_seconds = sum(t["seconds"] for e in log for t in e.get("teacher_outputs", []))
+        metrics["train_seconds"] = sum(e["seconds"] for e in log) - outputs_seconds
+        metrics["teacher_outputs_seconds"] = outputs_seconds
         metrics["teacher_train_seconds"] = cached.train_seconds
         metrics["extra_train_params"] = extra_params
         metrics["materialized"] = all(e.get("materialized", True) for e in log)

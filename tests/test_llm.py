@@ -124,7 +124,7 @@ def test_a_grid_with_a_pretrained_teacher_distils_from_its_cached_outputs(tmp_pa
     with Store(db) as store:
         records = store.records()
     kd = sorted((r for r in records if r.recipe == "forward-kl"), key=lambda r: r.seed)
-    cache_entries = [next(s for s in r.stages if s["op"] == "teacher-outputs") for r in kd]
+    cache_entries = [r.stages[0]["teacher_outputs"][0] for r in kd]
     # Computed once (seed 0), read back for seed 1: the teacher never ran during training.
     assert [e["from_cache"] for e in cache_entries] == [False, True]
     assert cache_entries[0]["bytes_per_token"] == 8 * 6 + 4 and cache_entries[0]["positions"] == 640

@@ -41,6 +41,8 @@ def test_a_grid_runs_and_every_cell_is_stored_with_its_figures(plugins, tiny_yam
     assert kd.metrics["test_accuracy"] > 0.5
     assert int8.metrics["weight_bytes"] * 3 < kd.metrics["weight_bytes"]
     assert [s["op"] for s in int8.stages] == ["distill", "quantize"]
+    [outputs] = int8.stages[0]["teacher_outputs"]  # exact logits, computed once by the kd cell
+    assert outputs["exact"] and outputs["from_cache"]
     assert set(kd.stages[0]["history"][0]) >= {"epoch", "val_accuracy", "loss_ce", "loss_kd", "loss"}
     assert kd.config["stages"][0]["distiller"] == {"name": "hinton", "temperature": 4.0, "alpha": 0.9}
     assert kd.environment["torch"] == torch.__version__
