@@ -42,7 +42,7 @@ def cmd_run(args) -> int:
         except (FileNotFoundError, ValueError) as exc:
             raise KdbenchError(f"tasks[{i}] ({task.name}): {exc}") from None
     name, overrides = executor_choice(args)
-    executor = build_executor(plugins, experiment, name, overrides)
+    executor = build_executor(plugins, experiment, name, overrides, args.threads)
     check_device(args.device)
     if args.threads is not None:
         import torch

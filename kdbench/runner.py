@@ -494,14 +494,18 @@ class Progress:
 
 
 def build_executor(plugins: Plugins, experiment: Experiment, name: str | None = None,
-                   overrides: dict | None = None):
+                   overrides: dict | None = None, threads: int | None = None):
     """The executor of the command line (``--executor``, ``--workers``, ``--scheduler``), else
-    the experiment file's, else ``local``; overrides apply to the file's executor too."""
+    the experiment file's, else ``local``; overrides apply to the file's executor too.
+    ``threads`` (``--threads``) becomes the workers' torch threads where the executor has them."""
     ref = experiment.executor
     if name is None:
         name = ref.name if ref is not None else "local"
     params = dict(ref.params) if ref is not None and ref.name == name else {}
     params.update(overrides or {})
+    fields = getattr(plugins.get("executor", name, "--executor").cls.Params, "__dataclass_fields__", {})
+    if threads is not None and "threads" in fields:
+        params["threads"] = threads
     return plugins.build("executor", name, params, where="--executor")
 
 

@@ -257,3 +257,21 @@ def test_progress_bars_on_a_terminal_lines_elsewhere(plugins, tiny_yaml, tmp_pat
             assert "kd seed 0" in out and "epoch" in out  # a cell's epochs
         else:
             assert "\r" not in out  # a log: no bars
+
+
+def test_every_executor_gives_the_same_results(tiny_yaml, tmp_path, capsys):
+    """The same file on local, processes and dask: the same cells with the same figures (one
+    torch thread everywhere, so that reductions run in the same order)."""
+    pytest.importorskip("dask.distributed")
+    path = tiny_yaml(TINY.replace("seeds: [0]", "seeds: [0, 1]"))
+    results = {}
+    for name, extra in (("local", []), ("processes", ["--workers", "2"]), ("dask", ["--workers", "2"])):
+        db = tmp_path / f"{name}.db"
+        args = ["run", str(path), "--store", str(db), "--cache-dir", str(tmp_path / name),
+                "--executor", name, "--threads", "1", "--quiet", *extra]
+        assert main(args) == 0, capsys.readouterr().err
+        with Store(db) as store:
+            results[name] = {r.cell_id: untimed(r.metrics) for r in store.records()}
+    assert len(results["local"]) == 8
+    assert results["processes"] == results["local"]
+    assert results["dask"] == results["local"]
