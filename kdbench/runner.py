@@ -26,7 +26,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .config import COMPRESSOR_KIND, Cell, Experiment, TeacherJob, digest, parse_ref
+from .config import COMPRESSOR_KIND, Cell, Experiment, TeacherJob, as_dict, digest, parse_ref
 from .contracts import CompressionContext, DistillContext, TaskData
 from .environment import environment
 from .measure import export, measure
@@ -501,7 +501,7 @@ def build_executor(plugins: Plugins, experiment: Experiment, name: str | None = 
     ref = experiment.executor
     if name is None:
         name = ref.name if ref is not None else "local"
-    params = dict(ref.params) if ref is not None and ref.name == name else {}
+    params = as_dict(ref.params) if ref is not None and ref.name == name else {}
     params.update(overrides or {})
     fields = getattr(plugins.get("executor", name, "--executor").cls.Params, "__dataclass_fields__", {})
     if threads is not None and "threads" in fields:

@@ -197,14 +197,18 @@ BAD_INPUT = [
     ("store not creatable", TINY, ["--store", "/proc/kdbench/r.db"], "--store /proc/kdbench/r.db"),
     ("workers", TINY, ["--executor", "local", "--workers", "2"], "do not apply to the local executor"),
     ("timeout", TINY, ["--cell-timeout", "0"], "--cell-timeout must be a positive"),
+    ("scheduler", TINY, ["--scheduler", "tcp://127.0.0.1:9", "--set", "executor={name: dask, connect_timeout: 2}"],
+     "no Dask scheduler answered at tcp://127.0.0.1:9 within 2 s"),
 ]
 
 
 @pytest.mark.parametrize("text,extra,message", [b[1:] for b in BAD_INPUT], ids=[b[0] for b in BAD_INPUT])
 def test_bad_input_exits_2_with_a_message_and_writes_nothing(tiny_yaml, tmp_path, capsys, isolated_cache,
                                                               text, extra, message):
+    if "--scheduler" in extra:
+        pytest.importorskip("dask.distributed")
     store = tmp_path / "r.db"
-    args = ["run", str(tiny_yaml(text)), "--store", str(store), *(e.format(tmp=tmp_path) for e in extra)]
+    args = ["run", str(tiny_yaml(text)), "--store", str(store), *(e.replace("{tmp}", str(tmp_path)) for e in extra)]
     assert main(args) == 2
     err = capsys.readouterr().err
     assert err.startswith("kdbench: error: ") and message in err, err
