@@ -43,7 +43,7 @@ def cmd_run(args) -> int:
             raise KdbenchError(f"tasks[{i}] ({task.name}): {exc}") from None
     name, overrides = executor_choice(args)
     executor = build_executor(plugins, experiment, name, overrides, args.threads)
-    check_device(args.device)
+    check_device(args.device, args.precision)
     if args.threads is not None:
         import torch
         if args.threads < 1:
@@ -67,7 +67,8 @@ def cmd_run(args) -> int:
         with store:
             summary = run_experiment(experiment, store, plugins, cache_dir, executor,
                                      progress=None if args.quiet else sys.stderr, device=args.device,
-                                     retry_failed=args.retry_failed, cell_timeout=args.cell_timeout)
+                                     retry_failed=args.retry_failed, cell_timeout=args.cell_timeout,
+                                     precision=args.precision)
             records, _ = latest_configs(store.records(experiment.name))
     finally:
         executor.close()
@@ -195,7 +196,7 @@ def dry_run(experiment, plugins, args, cache_dir: Path) -> int:
     return 0
 
 
-def check_device(device: str) -> None:
+def check_device(device: str, precision: str = "fp32") -> None:
     import torch
 
     try:
@@ -205,6 +206,9 @@ def check_device(device: str) -> None:
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise KdbenchError(f"--device {device}: torch sees no CUDA device here (torch "
                            f"{torch.__version__}); use --device cpu or install a CUDA build of torch")
+    if precision == "bf16" and device.startswith("cuda") and not torch.cuda.is_bf16_supported():
+        raise KdbenchError(f"--precision bf16: the GPU {torch.cuda.get_device_name(device)} has no bf16 "
+                           "support (it needs compute capability 8.0, Ampere or later); use --precision fp32")
 
 
 def cmd_experiments(args) -> int:
@@ -473,6 +477,9 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--executor", help="executor plugin (default: the file's, else 'local')")
     run.add_argument("--device", default="cpu", help="where to train: cpu (default), cuda, cuda:N; "
                      "latency is always measured on the CPU")
+    run.add_argument("--precision", choices=["fp32", "bf16"], default="fp32",
+                     help="student training: fp32 (default) or bf16 autocast (GPUs from Ampere on; "
+                     "teachers always train in fp32, so every student sees the same cached teacher)")
     run.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice); "
                      "recorded with every row")
     run.add_argument("--workers", type=int, help="worker processes (processes or dask executor; "

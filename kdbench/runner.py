@@ -105,17 +105,19 @@ class CellRunner:
     installed plugins itself (plugins registered at run time exist only in this process)."""
 
     def __init__(self, plugins: Plugins, cache_dir: Path, device: str = "cpu",
-                 cell_timeout: float | None = None):
+                 cell_timeout: float | None = None, precision: str = "fp32"):
         self.plugins = plugins
         self.cache_dir = Path(cache_dir)
         self.device = device
         self.cell_timeout = cell_timeout
+        self.precision = precision
         self.epoch_bars: TextIO | None = None  # a terminal: one bar per training stage
         self._data: dict[str, TaskData] = {}
         self._test_logits: dict[tuple, torch.Tensor] = {}
 
     def __getstate__(self):
-        return {"cache_dir": self.cache_dir, "device": self.device, "cell_timeout": self.cell_timeout}
+        return {"cache_dir": self.cache_dir, "device": self.device, "cell_timeout": self.cell_timeout,
+                "precision": self.precision}
 
     def __setstate__(self, state):
         from .plugins import get_plugins
@@ -163,7 +165,7 @@ class CellRunner:
         return Record(cell_id=cell_id, experiment=experiment, role=role, status=status,
                       metrics=metrics, config=config(), stages=stages,
                       environment={**environment(), "device": self.device,
-                                   "seeds": seeds_of(labels["seed"]),
+                                   "precision": self.precision, "seeds": seeds_of(labels["seed"]),
                                    "plugins": dict(self.plugins.versions)},
                       started_at=started, finished_at=_now(), error=error, traceback=tb, **labels)
 
@@ -336,6 +338,7 @@ class CellRunner:
             with self.epoch_bar(training.epochs, f"{cell.recipe} seed {cell.seed}") as on_epoch:
                 return fit(model, data, task, training, cell.seed, distiller=distiller, teacher=teacher,
                            student=student, extra_modules=extra, device=self.device,
+                           precision=self.precision,
                            teacher_outputs=outputs, on_epoch=on_epoch)
 
         calibration_size = cell.experiment.measure.calibration_size
@@ -511,7 +514,8 @@ def build_executor(plugins: Plugins, experiment: Experiment, name: str | None = 
 
 def run_experiment(experiment: Experiment, store: Store, plugins: Plugins, cache_dir: Path,
                    executor=None, progress: TextIO | None = sys.stderr, device: str = "cpu",
-                   retry_failed: bool = False, cell_timeout: float | None = None) -> RunSummary:
+                   retry_failed: bool = False, cell_timeout: float | None = None,
+                   precision: str = "fp32") -> RunSummary:
     """Run every cell of the grid that the store does not hold (with ``retry_failed``: every
     cell it holds as failed), claiming each one as it starts, so that runs sharing the store
     split the grid between them. ``executor``: a started executor, or a name (default: the
@@ -522,7 +526,7 @@ def run_experiment(experiment: Experiment, store: Store, plugins: Plugins, cache
         owned = True
     else:
         owned = False
-    runner = CellRunner(plugins, cache_dir, device, cell_timeout)
+    runner = CellRunner(plugins, cache_dir, device, cell_timeout, precision)
     plan = plan_run(experiment, store, plugins, retry_failed)
     cells, pending, teacher_jobs = plan.cells, plan.pending, plan.teacher_jobs
     left_failed = plan.failed_left(plugins, retry_failed)

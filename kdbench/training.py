@@ -115,11 +115,25 @@ class Teacher(Tapped):
             p.requires_grad_(False)
 
 
+PRECISIONS = ("fp32", "bf16")
+
+
+def mixed_precision(device: str | torch.device, precision: str):
+    """bf16 autocast for the forward passes and losses of training (weights, gradients and
+    optimizer state stay fp32; autocast keeps softmax, log-softmax and the losses in fp32).
+    No loss scaling: bf16 has fp32's exponent range."""
+    if precision == "fp32":
+        return contextlib.nullcontext()
+    if precision != "bf16":
+        raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+    return torch.autocast(torch.device(device).type, dtype=torch.bfloat16)
+
+
 def fit(model: nn.Module, data: TaskData, task: Task, training: Training, seed: int, *,
         distiller: Distiller | None = None, teacher: Teacher | None = None,
         student: Tapped | None = None, extra_modules: list[nn.Module] | None = None,
         device: str = "cpu", teacher_outputs: Callable[[torch.Tensor], torch.Tensor] | None = None,
-        on_epoch: Callable[[dict], None] | None = None) -> list[dict]:
+        on_epoch: Callable[[dict], None] | None = None, precision: str = "fp32") -> list[dict]:
     """Train ``model`` in place; return the per-epoch history.
 
     Without a distiller the loss is cross-entropy (with the configured label smoothing);
@@ -172,21 +186,22 @@ def fit(model: nn.Module, data: TaskData, task: Task, training: Training, seed: 
                 if data.train_transform is not None:
                     x = data.train_transform(x, generator)
                 x, y = x.to(device), y.to(device)
-                with capture_features(model, s_points) as s_feats:
-                    s_logits = model(x)
-                if distiller is not None:
-                    distiller.begin_batch(indices, epoch, training.epochs)
-                    if teacher_outputs is not None:
-                        t_logits, t_feats = teacher_outputs(indices).to(device), {}
+                with mixed_precision(device, precision):
+                    with capture_features(model, s_points) as s_feats:
+                        s_logits = model(x)
+                    if distiller is not None:
+                        distiller.begin_batch(indices, epoch, training.epochs)
+                        if teacher_outputs is not None:
+                            t_logits, t_feats = teacher_outputs(indices).to(device), {}
+                        else:
+                            with torch.no_grad(), capture_features(teacher.model, t_points) as t_feats:
+                                t_logits = teacher.model(x)
+                        s_rows, targets = rows(s_logits, y)
+                        terms = distiller.loss(Outputs(s_rows, s_feats),
+                                               Outputs(rows(t_logits, y)[0], dict(t_feats)), targets)
                     else:
-                        with torch.no_grad(), capture_features(teacher.model, t_points) as t_feats:
-                            t_logits = teacher.model(x)
-                    s_rows, targets = rows(s_logits, y)
-                    terms = distiller.loss(Outputs(s_rows, s_feats),
-                                           Outputs(rows(t_logits, y)[0], dict(t_feats)), targets)
-                else:
-                    terms = {"ce": F.cross_entropy(*rows(s_logits, y), ignore_index=-100,
-                                                   label_smoothing=training.label_smoothing)}
+                        terms = {"ce": F.cross_entropy(*rows(s_logits, y), ignore_index=-100,
+                                                       label_smoothing=training.label_smoothing)}
                 loss = sum(terms.values())
                 if not torch.isfinite(loss):
                     raise FloatingPointError(non_finite_message(terms, loss, epoch, step, global_step,

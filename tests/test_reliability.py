@@ -279,3 +279,24 @@ def test_every_executor_gives_the_same_results(tiny_yaml, tmp_path, capsys):
     assert len(results["local"]) == 8
     assert results["processes"] == results["local"]
     assert results["dask"] == results["local"]
+
+
+def test_bf16_training_runs_is_recorded_and_is_its_own_protocol(tiny_yaml, tmp_path, capsys):
+    from kdbench.report.protocol import fingerprint, protocol
+
+    path = tiny_yaml()
+    for precision in ("fp32", "bf16"):
+        assert main(["run", str(path), "--store", str(tmp_path / f"{precision}.db"), "--quiet",
+                     "--precision", precision]) == 0
+    capsys.readouterr()
+    rows = {}
+    for precision in ("fp32", "bf16"):
+        with Store(tmp_path / f"{precision}.db") as store:
+            rows[precision] = {r.recipe: r for r in store.records() if r.role == "student"}
+    kd16, kd32 = rows["bf16"]["kd"], rows["fp32"]["kd"]
+    assert kd16.environment["precision"] == "bf16" and kd32.environment["precision"] == "fp32"
+    assert kd16.metrics["test_accuracy"] > 0.3  # trains
+    assert kd16.metrics["test_accuracy"] != kd32.metrics["test_accuracy"] or \
+        kd16.stages[0]["history"][0]["loss"] != kd32.stages[0]["history"][0]["loss"]  # really bf16
+    assert fingerprint(protocol(kd16)) != fingerprint(protocol(kd32))
+    assert "training_precision" not in protocol(kd32)

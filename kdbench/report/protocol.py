@@ -34,7 +34,10 @@ def protocol(record: Record, plugins=None) -> dict[str, Any]:
     if budget is None:
         budget = next((s["training"] for s in config.get("stages", [])
                        if s.get("op") in ("train", "distill") and "training" in s), None)
+    precision = env.get("precision", "fp32")
     return {
+        # Mixed-precision training is another protocol; fp32 rows keep their fingerprint.
+        **({"training_precision": precision} if precision != "fp32" else {}),
         "task": config.get("task"),
         "task_version": config.get("plugins", {}).get(task_plugin) if task_plugin else None,
         "budget": budget,
