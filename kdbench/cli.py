@@ -196,6 +196,16 @@ def dry_run(experiment, plugins, args, cache_dir: Path) -> int:
     return 0
 
 
+def cmd_new_plugin(args) -> int:
+    from .scaffold import new_plugin
+
+    root = new_plugin(args.name, args.kind, Path(args.output))
+    files = sorted(str(p.relative_to(root.parent)) for p in root.rglob("*") if p.is_file())
+    print(f"wrote {root}:\n  " + "\n  ".join(files))
+    print(f"next:\n  pip install -e {root}\n  python -m pytest {root / 'tests'}\n  kdbench plugins")
+    return 0
+
+
 def check_device(device: str, precision: str = "fp32") -> None:
     import torch
 
@@ -501,6 +511,13 @@ def build_parser() -> argparse.ArgumentParser:
     plugins = sub.add_parser("plugins", help="list plugins, their versions and what they registered")
     plugins.add_argument("--json", action="store_true")
     plugins.set_defaults(func=cmd_plugins)
+
+    new = sub.add_parser("new-plugin", help="write a plugin package that passes kdbench's checks as generated")
+    new.add_argument("name", help="the plugin's name in experiment files, e.g. my-kd")
+    new.add_argument("--kind", required=True, choices=["task", "model", "distiller", "pruner", "quantizer",
+                                                       "decomposer", "executor"])
+    new.add_argument("--output", default=".", help="folder to create the package in (default: here)")
+    new.set_defaults(func=cmd_new_plugin)
 
     lst = sub.add_parser("list", help="registered names with their parameters and defaults")
     lst.add_argument("kind", nargs="?", help=f"one of: {', '.join(KINDS)}")

@@ -12,6 +12,7 @@ import contextlib
 import dataclasses
 import importlib.metadata
 import os
+import sys
 from collections.abc import Iterator
 from typing import Any
 
@@ -23,6 +24,7 @@ from .errors import ConfigError, PluginError, unknown
 from .params import field_specs, parse_params
 
 ENTRY_POINT_GROUP = "kdbench"
+TRACE_ENV = "KDBENCH_TRACE"  # print every hook call (see enable_trace)
 ALLOW_ENV = "KDBENCH_PLUGINS"
 BLOCK_ENV = "KDBENCH_BLOCK_PLUGINS"
 
@@ -70,6 +72,8 @@ class Plugins:
     def __init__(self) -> None:
         self.pm = pluggy.PluginManager("kdbench")
         self.pm.add_hookspecs(hookspecs)
+        if os.environ.get(TRACE_ENV, "").strip() not in ("", "0"):
+            enable_trace(self.pm)
         self.versions: dict[str, str] = {}
         self.entries: dict[str, dict[str, Entry]] = {kind: {} for kind in KINDS}
 
@@ -125,6 +129,9 @@ class Plugins:
             raise PluginError(f"plugin '{plugin}': {cls.__name__} needs a non-empty 'name' and 'description'")
         if not dataclasses.is_dataclass(cls.Params):
             raise PluginError(f"plugin '{plugin}': {cls.__name__}.Params must be a dataclass")
+        if os.environ.get(TRACE_ENV, "").strip() not in ("", "0"):
+            print(f"kdbench trace:   plugin '{plugin}' {version} registers {kind} '{cls.name}' "
+                  f"({cls.__module__}.{cls.__qualname__})", file=sys.stderr, flush=True)
         existing = self.entries[kind].get(cls.name)
         if existing is not None:
             raise PluginError(f"{kind} '{cls.name}' is registered by both plugin "
@@ -174,6 +181,32 @@ def _env_set(var: str) -> set[str] | None:
     if value is None:
         return None
     return {part.strip() for part in value.split(",") if part.strip()}
+
+
+def enable_trace(pm: pluggy.PluginManager, stream=None) -> None:
+    """Print every hook call, with its arguments, the plugins it reaches and its results, to
+    standard error (``KDBENCH_TRACE=1``): pluggy's tracer, with the plugin that implements each
+    call shown, for debugging a plugin that does not register or observe what it should."""
+    out = stream or sys.stderr
+
+    def before(hook_name, implementations, kwargs):
+        if not implementations:  # a registration hook the plugin being loaded does not implement
+            return
+        names = ", ".join(impl.plugin_name for impl in implementations)
+        args = ", ".join(f"{k}={v!r}" for k, v in kwargs.items())
+        print(f"kdbench trace: {hook_name}({args}) -> plugins [{names}]", file=out, flush=True)
+
+    def after(outcome, hook_name, implementations, kwargs):
+        if not implementations:
+            return
+        try:
+            result = outcome.get_result()
+        except BaseException as exc:  # the hook raised: show it, the caller still sees it
+            print(f"kdbench trace: {hook_name} raised {type(exc).__name__}: {exc}", file=out, flush=True)
+            return
+        print(f"kdbench trace: {hook_name} returned {result!r}", file=out, flush=True)
+
+    pm.add_hookcall_monitoring(before, after)
 
 
 def load_plugins() -> Plugins:

@@ -10,6 +10,12 @@ int8 kernels end to end (FX graph mode).
 
 ``qat``: the same int8 model, reached by fine-tuning with fake quantization first.
 
+The affine (scale, zero-point) int8 scheme, its integer-only kernels and quantization-aware
+training are Jacob et al., "Quantization and Training of Neural Networks for Efficient
+Integer-Arithmetic-Only Inference", CVPR 2018; per-channel weights and the calibration of
+activation ranges follow Krishnamoorthi, "Quantizing deep convolutional networks for
+efficient inference: A whitepaper", arXiv:1806.08342, 2018.
+
 This module is the one place that uses the deprecated ``torch.ao.quantization`` API.
 """
 
