@@ -94,11 +94,14 @@ class Ref:
     plugin: str
     version: str
     short: str | None = dataclasses.field(default=None, compare=False)  # the plugin's own label
+    data_version: str = "1"  # a task's ``version``: its data and splits
 
     def spec(self) -> dict[str, Any]:
         """Name and parameters, as stored and hashed into cell ids. A parameter a plugin lists
         in its ``Params.ADDED_LATER`` appears only when set away from its default, so a new
-        option does not change the id of every cell already in a store."""
+        option does not change the id of every cell already in a store. A task's data version
+        appears from version 2 on, for the same reason: cells of version-1 tasks keep their ids,
+        and a task whose data changed gets new ones (its old rows are not taken as done)."""
         spec = {"name": self.name, **as_dict(self.params)}
         later = getattr(type(self.params), "ADDED_LATER", ())
         if later:
@@ -106,6 +109,8 @@ class Ref:
             for key in later:
                 if key in default and spec.get(key) == default[key]:
                     del spec[key]
+        if self.data_version != "1":
+            spec["data_version"] = self.data_version
         return spec
 
     def label(self) -> str:
@@ -429,7 +434,8 @@ def parse_ref(plugins: Plugins, kind: str, raw: Any, where: str) -> Ref:
         raise ConfigError(f"a {kind} reference is a name or a mapping with 'name', got {raw!r}", where)
     entry = plugins.get(kind, str(name), f"{where}.name" if isinstance(raw, Mapping) else where)
     parsed = parse_params(entry.cls.Params, params, where)
-    return Ref(kind, entry.name, parsed, entry.plugin, entry.version, entry.cls.label_for(parsed))
+    return Ref(kind, entry.name, parsed, entry.plugin, entry.version, entry.cls.label_for(parsed),
+               str(getattr(entry.cls, "version", "1")) if kind == "task" else "1")
 
 
 def parse_pair(plugins: Plugins, raw: Any, where: str) -> Pair:

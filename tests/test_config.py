@@ -3,6 +3,8 @@ work with a message that names the file, the path in it and the fix."""
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import yaml
 
@@ -132,3 +134,18 @@ def test_settings_added_later_keep_existing_cell_ids_at_their_default():
 
     assert "probe" not in measure_spec(Measure())  # stores written before it keep resuming
     assert measure_spec(Measure(probe=True))["probe"] is True  # set: part of the id
+
+
+def test_a_task_whose_data_changed_gets_new_cell_ids(plugins, monkeypatch):
+    """A task's ``version`` is part of its cells' identity from version 2 on: rows of the old
+    data are not taken as done, and version-1 tasks keep the ids their stores hold."""
+    from kdbench.config import parse_experiment
+
+    raw = yaml.safe_load(TINY)
+    before = {c.cell_id(plugins) for c in parse_experiment(copy.deepcopy(raw), plugins).cells()}
+    assert all("data_version" not in c.task.spec() for c in parse_experiment(copy.deepcopy(raw), plugins).cells())
+    monkeypatch.setattr(plugins.get("task", "digits").cls, "version", "2")
+    cells = parse_experiment(copy.deepcopy(raw), plugins).cells()
+    assert cells[0].task.spec()["data_version"] == "2"
+    assert not before & {c.cell_id(plugins) for c in cells}
+    assert before.isdisjoint({c.teacher_job(plugins).cell_id for c in cells})
