@@ -136,12 +136,13 @@ def dry_run(experiment, plugins, args, cache_dir: Path) -> int:
     path = Path(args.store)
     store = Store(path) if path.exists() else None
     try:
-        status = store.statuses() if store else {}
-        claimed = store.claimed_elsewhere() if store else {}
+        plan = plan_run(experiment, store, plugins, args.retry_failed)
         records = store.records(experiment.name) if store else []
     finally:
         if store:
             store.close()
+    status, claimed = plan.status, plan.claimed
+    pending = {id(cell) for cell in plan.pending}
 
     def seconds(rec):
         span = dt.datetime.fromisoformat(rec.finished_at) - dt.datetime.fromisoformat(rec.started_at)
@@ -152,15 +153,14 @@ def dry_run(experiment, plugins, args, cache_dir: Path) -> int:
         if rec.ok:
             by_recipe.setdefault((rec.role, rec.recipe), []).append(seconds(rec))
     every = [t for (role, _), ts in by_recipe.items() if role == "student" for t in ts]
-    wanted = ("failed",) if args.retry_failed else (None,)
     left, unknown_left = 0.0, 0
     rows, teachers = [], {}
-    for cell in experiment.cells():
+    for cell in plan.cells:
         cid = cell.cell_id(plugins)
         state = status.get(cid, "pending")
         if cid in claimed:
             state = f"running ({claimed[cid]})"
-        runs = status.get(cid) in wanted and cid not in claimed
+        runs = id(cell) in pending and cid not in claimed
         if runs:
             guess = by_recipe.get(("student", cell.recipe)) or every
             if guess:

@@ -453,12 +453,18 @@ class Plan:
         return 0 if retry_failed else sum(self.status.get(c.cell_id(plugins)) == "failed" for c in self.cells)
 
 
-def plan_run(experiment: Experiment, store: Store, plugins: Plugins, retry_failed: bool = False) -> Plan:
-    """The cells a run does: those never finished, or with ``retry_failed`` those that failed."""
-    status = store.statuses()
-    wanted = ("failed",) if retry_failed else (None,)
+def runs_now(status: str | None, retry_failed: bool) -> bool:
+    """Whether a run takes a cell of this stored status: never finished (None), or with
+    ``retry_failed`` failed."""
+    return status == "failed" if retry_failed else status is None
+
+
+def plan_run(experiment: Experiment, store: Store | None, plugins: Plugins, retry_failed: bool = False) -> Plan:
+    """The cells a run does: those never finished, or with ``retry_failed`` those that failed.
+    ``store`` None: a store that does not exist yet (everything is pending)."""
+    status = store.statuses() if store is not None else {}
     cells = experiment.cells()
-    pending = [c for c in cells if status.get(c.cell_id(plugins)) in wanted]
+    pending = [c for c in cells if runs_now(status.get(c.cell_id(plugins)), retry_failed)]
     jobs: dict[str, TeacherJob] = {}
     for cell in pending:
         job = cell.teacher_job(plugins)
@@ -466,7 +472,8 @@ def plan_run(experiment: Experiment, store: Store, plugins: Plugins, retry_faile
             jobs.setdefault(job.cell_id, job)
     # Teachers whose row exists but whose weights a pending cell needs are loaded or
     # retrained inside that cell (the cache is keyed by the same hash).
-    return Plan(cells, status, store.claimed_elsewhere(), pending, list(jobs.values()))
+    claimed = store.claimed_elsewhere() if store is not None else {}
+    return Plan(cells, status, claimed, pending, list(jobs.values()))
 
 
 class Progress:

@@ -112,6 +112,7 @@ class Store:
         self._db.executescript(SCHEMA + CLAIMS)
         self.owner = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
         self._beating: threading.Event | None = None
+        self._claimed = False  # only a store this run claimed in has claims to give back
 
     def close(self) -> None:
         self.stop_heartbeat()
@@ -147,6 +148,7 @@ class Store:
                                       (cell_id,)).fetchone()
             if holder and holder[0] != self.owner and self._alive(*holder[1:]):
                 return False
+            self._claimed = True
             self._db.execute("INSERT OR REPLACE INTO claims VALUES (?, ?, ?, ?, ?)",
                              (cell_id, self.owner, socket.gethostname(), os.getpid(), time.time()))
         return True
@@ -190,8 +192,9 @@ class Store:
         if self._beating is not None:
             self._beating.set()
             self._beating = None
-        with self._db:  # claims of cells this run did not finish go back at once
-            self._db.execute("DELETE FROM claims WHERE owner = ?", (self.owner,))
+        if self._claimed:  # claims of cells this run did not finish go back at once
+            with self._db:
+                self._db.execute("DELETE FROM claims WHERE owner = ?", (self.owner,))
 
     def statuses(self) -> dict[str, str]:
         """Stored status ('done' or 'failed') by cell id."""
