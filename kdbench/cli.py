@@ -222,12 +222,11 @@ def check_device(device: str, precision: str = "fp32") -> None:
 
 
 def cmd_experiments(args) -> int:
-    import yaml
-
+    from . import yamlfile
     from .config import embedded_experiments
 
     for name, text in sorted(embedded_experiments().items()):
-        raw = yaml.safe_load(text)
+        raw = yamlfile.load(text)
         print(f"{name}: {raw.get('description', '').strip() or raw.get('name')}")
     return 0
 

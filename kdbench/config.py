@@ -15,9 +15,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any, ClassVar, Literal
 
-import yaml
-
-from . import __version__
+from . import __version__, yamlfile
 from .errors import ConfigError, did_you_mean, unknown
 from .params import as_dict, defaults, parse_params
 from .plugins import Plugins
@@ -328,8 +326,8 @@ def apply_overrides(raw: Any, overrides: list[str]) -> Any:
         if not sep or not path:
             raise ConfigError(f"--set expects PATH=VALUE (e.g. training.epochs=1), got {item!r}")
         try:
-            value = yaml.safe_load(text)
-        except yaml.YAMLError as exc:
+            value = yamlfile.load(text)
+        except yamlfile.YAMLError as exc:
             raise ConfigError(f"--set {item!r}: the value is not valid YAML: {exc}") from None
         node: Any = raw
         keys = path.split(".")
@@ -366,8 +364,8 @@ def load_experiment(path: str | Path | None, plugins: Plugins, overrides: list[s
                           f"the name of an embedded experiment{did_you_mean(name, embedded)} "
                           f"(embedded: {', '.join(sorted(embedded))})")
     try:
-        raw = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
+        raw = yamlfile.load(text)
+    except yamlfile.YAMLError as exc:
         raise ConfigError(f"not valid YAML: {exc}", source=source) from None
     try:
         return parse_experiment(apply_overrides(raw, list(overrides)), plugins, source)

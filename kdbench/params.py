@@ -14,6 +14,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from .errors import ConfigError, unknown
+from .yamlfile import parse_number
 
 
 @dataclasses.dataclass(frozen=True)
@@ -121,12 +122,16 @@ def coerce(value: Any, tp: Any, where: str) -> Any:
             raise ConfigError(f"expected true or false, got {value!r}", where)
         return value
     if tp is int:
+        if isinstance(value, float) and value.is_integer():
+            return int(value)  # 1e3 or 2.0: an integer in a float's notation
         if isinstance(value, bool) or not isinstance(value, int):
             raise ConfigError(f"expected an integer, got {value!r}", where)
         return value
     if tp is float:
+        if isinstance(value, str) and parse_number(value) is not None:
+            return parse_number(value)  # '1e-3' from a YAML 1.1 reader
         if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ConfigError(f"expected a number, got {value!r}", where)
+            raise ConfigError(f"expected a number (e.g. 0.001 or 1e-3), got {value!r}", where)
         return float(value)
     if tp is str:
         if not isinstance(value, str):

@@ -149,3 +149,30 @@ def test_a_task_whose_data_changed_gets_new_cell_ids(plugins, monkeypatch):
     assert cells[0].task.spec()["data_version"] == "2"
     assert not before & {c.cell_id(plugins) for c in cells}
     assert before.isdisjoint({c.teacher_job(plugins).cell_id for c in cells})
+
+
+@pytest.mark.parametrize("written, value", [("1e-3", 1e-3), ("5e-4", 5e-4), ("1E3", 1000.0), (".5", 0.5),
+                                            ("2.5e-2", 0.025), ("+1e+1", 10.0), ("0.001", 1e-3)])
+def test_numbers_are_read_as_people_write_them_in_files_and_in_set(plugins, tiny_yaml, written, value):
+    """YAML 1.1 reads 1e-3 as a string; experiment files and --set read it as the number it is."""
+    text = TINY.replace("training: {epochs: 3, batch_size: 64}",
+                        f"training: {{epochs: 3, batch_size: 64, lr: {written}}}")
+    assert load_experiment(tiny_yaml(text), plugins).training["lr"] == value
+    exp = load_experiment(tiny_yaml(), plugins, [f"training.lr={written}"])
+    assert exp.cells()[0].student_training(plugins).lr == value
+    exp = load_experiment(tiny_yaml(), plugins, [f"recipes.kd=[{{distill: {{name: hinton, alpha: {written}}}}}]"]
+                          if value < 1 else [f"recipes.kd=[{{distill: {{name: hinton, temperature: {written}}}}}]"])
+    params = exp.recipes["kd"][0].ref.params
+    assert value in (params.alpha, params.temperature)
+
+
+def test_integers_in_float_notation_and_numbers_as_strings(plugins):
+    """``epochs: 1e2`` is 100 epochs; a float parameter handed the string '1e-3' (a config built
+    with another YAML reader) takes the number; what is not a number is still refused."""
+    exp = load_experiment(None, plugins, ["training.epochs=1e2", "training.weight_decay='5e-4'"])
+    training = exp.cells()[0].student_training(plugins)
+    assert (training.epochs, training.weight_decay) == (100, 5e-4)
+    with pytest.raises(ConfigError, match="expected a number"):
+        load_experiment(None, plugins, ["training.lr=fast"])
+    with pytest.raises(ConfigError, match="expected an integer"):
+        load_experiment(None, plugins, ["training.epochs=2.5"])
