@@ -16,6 +16,7 @@ from . import __version__
 from .contracts import KINDS
 from .errors import KdbenchError, unknown
 from .params import field_specs
+from .paths import check_dir_writable, check_file_writable
 
 DEFAULT_STORE = "kdbench-results.db"
 
@@ -26,8 +27,8 @@ def cmd_run(args) -> int:
     from .report.summary import frame, latest_configs, summarize
     from .report.tables import leaderboard_blocks
     from .plugins import get_plugins
-    from .runner import build_executor, run_experiment
-    from .store import Store
+    from .runner import build_executor, plan_run, run_experiment
+    from .store import Store, check_store_file
     from .teachers import CACHE_ENV, default_cache_dir
 
     plugins = get_plugins()
@@ -52,15 +53,26 @@ def cmd_run(args) -> int:
     if args.cell_timeout is not None and args.cell_timeout <= 0:
         raise KdbenchError(f"--cell-timeout must be a positive number of seconds, got {args.cell_timeout:g}")
     cache_dir = Path(args.cache_dir) if args.cache_dir else default_cache_dir()
+    store_path = Path(args.store)
+    check_store_file(store_path)  # another kind of file: exit 2, before anything is written
     # Plugins that cache files of their own (dequantized pretrained weights) use the same place.
     os.environ[CACHE_ENV] = str(cache_dir)
     if args.dry_run:
         return dry_run(experiment, plugins, args, cache_dir)
-    check_store_writable(Path(args.store))
-    executor.start()  # a scheduler that does not answer fails here, before the store is touched
+    # Every path the run writes is checked before any work: a cache folder found read-only
+    # after the first cell would leave failed rows behind.
+    check_file_writable(store_path, "--store")
+    check_dir_writable(cache_dir, "--cache-dir")
+    plan = None
+    if store_path.exists():  # a resume: start workers (a cluster) only if something is left
+        with Store(store_path) as existing:
+            plan = plan_run(experiment, existing, plugins, args.retry_failed)
+        if not plan.pending:
+            executor = build_executor(plugins, experiment, "local")
+    executor.start()  # a scheduler that does not answer fails here, before the store is written
     try:
         try:
-            store = Store(args.store)
+            store = Store(store_path)
         except (OSError, sqlite3.Error) as exc:
             raise KdbenchError(f"--store {args.store}: cannot create or open it ({exc}); choose a "
                                "path in a folder you can write") from None
@@ -68,20 +80,25 @@ def cmd_run(args) -> int:
             summary = run_experiment(experiment, store, plugins, cache_dir, executor,
                                      progress=None if args.quiet else sys.stderr, device=args.device,
                                      retry_failed=args.retry_failed, cell_timeout=args.cell_timeout,
-                                     precision=args.precision)
+                                     precision=args.precision, plan=plan)
             records, _ = latest_configs(store.records(experiment.name))
     finally:
         executor.close()
     print(render.to_markdown(leaderboard_blocks(summarize(frame(records, plugins)))))
     print(f"{summary.total} cells: {summary.done} run now, {summary.skipped} not for this run, "
-          f"{summary.taken} taken by another run, {len(summary.failed)} failed. "
-          f"Results in {args.store}.", file=sys.stderr)
-    for rec in summary.failed:
-        print(f"  FAILED {rec.role} {rec.task} | {rec.teacher} -> {rec.student} | {rec.recipe} | "
-              f"seed {rec.seed}: {rec.error}", file=sys.stderr)
+          f"{summary.taken} taken by another run, {len(summary.failed)} failed now"
+          + (f", {summary.failed_earlier} failed in an earlier run (kept, not rerun)"
+             if summary.failed_earlier else "") + f". Results in {args.store}.", file=sys.stderr)
+    now = {rec.cell_id for rec in summary.failed}
+    earlier = [rec for rec in records if not rec.ok and rec.cell_id not in now]
+    for when, recs in (("FAILED", summary.failed), ("FAILED EARLIER", earlier)):
+        for rec in recs:
+            print(f"  {when} {rec.role} {rec.task} | {rec.teacher} -> {rec.student} | {rec.recipe} | "
+                  f"seed {rec.seed}: {rec.error}", file=sys.stderr)
     if summary.failed or summary.failed_earlier:
-        print("Fix the cause and run the same command with --retry-failed: finished cells are kept, "
-              "only the failed ones run again.", file=sys.stderr)
+        print("A failed cell stays failed, since a rerun would most often fail the same way: fix the "
+              "cause and run the same command with --retry-failed (finished cells are kept, only "
+              "the failed ones run again).", file=sys.stderr)
     return summary.exit_code
 
 
@@ -105,22 +122,6 @@ def executor_choice(args) -> tuple[str | None, dict]:
         raise KdbenchError(f"--scheduler applies to the dask executor, not '{name}'; drop --executor "
                            "or use --executor dask")
     return name, overrides
-
-
-def check_store_writable(path: Path) -> None:
-    """A store that cannot be written fails before any cell runs, not after the first one."""
-    folder = path.parent if str(path.parent) else Path(".")
-    existing = next((p for p in [folder, *folder.parents] if p.exists()), None)
-    if path.is_dir():
-        raise KdbenchError(f"--store {path}: is a directory; name a file, e.g. {path / 'results.db'}")
-    if path.exists() and not os.access(path, os.W_OK):
-        raise KdbenchError(f"--store {path}: the file is not writable; fix its permissions or choose "
-                           "another path")
-    if existing is not None and not existing.is_dir():
-        raise KdbenchError(f"--store {path}: {existing} is a file, not a folder; choose another path")
-    if not path.exists() and (existing is None or not os.access(existing, os.W_OK | os.X_OK)):
-        raise KdbenchError(f"--store {path}: cannot create it, {existing} is not writable; choose a "
-                           "path in a folder you can write")
 
 
 def dry_run(experiment, plugins, args, cache_dir: Path) -> int:
@@ -298,10 +299,18 @@ def load_summary(args, plugins):
             # The teacher's own row stays whatever the recipe filter: it is every table's anchor.
             records = [r for r in records if any(fnmatch.fnmatchcase(getattr(r, flag), p) for p in patterns)
                        or (flag in ("recipe", "student") and r.role == "teacher")]
+    filtered = bool(args.experiment or any(getattr(args, f) for f in ("task", "teacher", "student", "recipe")))
     records, notes = latest_configs(records)
     if not any(r.ok for r in records):
-        raise KdbenchError("no finished cells match: check --experiment and the filters "
-                           "(--task, --teacher, --student, --recipe take shell patterns)")
+        failed = sum(not r.ok for r in records)
+        where = ", ".join(stores)
+        if filtered:
+            raise KdbenchError(f"no finished cells match the selection in {where}: check --experiment and the filters "
+                               "(--task, --teacher, --student, --recipe take shell patterns)")
+        if failed:
+            raise KdbenchError(f"{where} holds no finished cell, only {failed} failed one(s); fix the "
+                               "cause and rerun with 'kdbench run ... --retry-failed'")
+        raise KdbenchError(f"{where} holds no results yet; run 'kdbench run' first")
     for column in args.by or []:
         if column not in GROUP:
             raise KdbenchError(unknown("--by column", column, GROUP))
@@ -571,6 +580,11 @@ def main(argv: list[str] | None = None) -> int:
     except KdbenchError as exc:
         print(f"kdbench: error: {exc}", file=sys.stderr)
         return exc.exit_code
+    except BrokenPipeError:
+        # The reader stopped reading (``kdbench list | head``): not an error worth a traceback.
+        # Standard output goes to /dev/null so that the flush at exit does not raise again.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 128 + 13  # what a program killed by SIGPIPE reports, as ``cat`` would
 
 
 if __name__ == "__main__":

@@ -47,7 +47,8 @@ class RunSummary:
 
     @property
     def exit_code(self) -> int:
-        return 1 if self.failed else 0
+        """1 while the grid holds failed cells, failed now or kept from an earlier run."""
+        return 1 if self.failed or self.failed_earlier else 0
 
 
 class CellTimeout(Exception):
@@ -522,11 +523,12 @@ def build_executor(plugins: Plugins, experiment: Experiment, name: str | None = 
 def run_experiment(experiment: Experiment, store: Store, plugins: Plugins, cache_dir: Path,
                    executor=None, progress: TextIO | None = sys.stderr, device: str = "cpu",
                    retry_failed: bool = False, cell_timeout: float | None = None,
-                   precision: str = "fp32") -> RunSummary:
+                   precision: str = "fp32", plan: Plan | None = None) -> RunSummary:
     """Run every cell of the grid that the store does not hold (with ``retry_failed``: every
     cell it holds as failed), claiming each one as it starts, so that runs sharing the store
     split the grid between them. ``executor``: a started executor, or a name (default: the
-    experiment's, else local)."""
+    experiment's, else local). ``plan``: this store's plan, if the caller has just made it
+    (claims still decide who runs each cell)."""
     if executor is None or isinstance(executor, str):
         executor = build_executor(plugins, experiment, executor)
         executor.start()
@@ -534,7 +536,7 @@ def run_experiment(experiment: Experiment, store: Store, plugins: Plugins, cache
     else:
         owned = False
     runner = CellRunner(plugins, cache_dir, device, cell_timeout, precision)
-    plan = plan_run(experiment, store, plugins, retry_failed)
+    plan = plan or plan_run(experiment, store, plugins, retry_failed)
     cells, pending, teacher_jobs = plan.cells, plan.pending, plan.teacher_jobs
     left_failed = plan.failed_left(plugins, retry_failed)
     bar = Progress(progress, len(teacher_jobs) + len(pending))

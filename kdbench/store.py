@@ -25,6 +25,8 @@ import uuid
 from pathlib import Path
 from typing import Any
 
+from .errors import KdbenchError
+
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS cells (
     cell_id     TEXT PRIMARY KEY,
@@ -103,13 +105,54 @@ def _connect(path: Path) -> sqlite3.Connection:
     return db
 
 
+SQLITE_HEADER = b"SQLite format 3\x00"
+#: The columns a kdbench store's ``cells`` table has had since its first version.
+CELL_COLUMNS = {"cell_id", "experiment", "role", "task", "teacher", "student", "recipe", "seed",
+                "status", "metrics", "config", "stages", "environment", "started_at", "finished_at"}
+
+
+class NotAStore(KdbenchError):
+    """A path given as a store holds something else (another database, any other file)."""
+
+
+def _not_a_store(path: Path, what: str) -> NotAStore:
+    return NotAStore(f"{path} is not a kdbench results store ({what}); pass --store with a file "
+                     "written by 'kdbench run', or a new path for a new store")
+
+
+def check_store_file(path: Path) -> None:
+    """Raise ``NotAStore`` unless ``path`` is missing, empty, or an SQLite database. Reads the
+    file's first bytes only: nothing is written."""
+    if not path.is_file() or path.stat().st_size == 0:
+        return
+    with open(path, "rb") as file:
+        if file.read(len(SQLITE_HEADER)) != SQLITE_HEADER:
+            raise _not_a_store(path, "not an SQLite database")
+
+
 class Store:
     def __init__(self, path: str | Path):
         self.path = Path(path)
+        check_store_file(self.path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._db = _connect(self.path)
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.executescript(SCHEMA + CLAIMS)
+        try:
+            tables = {r[0] for r in self._db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+            if tables and "cells" not in tables:
+                raise _not_a_store(self.path, f"an SQLite database with other tables: {', '.join(sorted(tables))}")
+            if "cells" in tables:
+                columns = {r[1] for r in self._db.execute("PRAGMA table_info(cells)")}
+                if not CELL_COLUMNS <= columns:
+                    raise _not_a_store(self.path, "its 'cells' table lacks "
+                                       + ", ".join(sorted(CELL_COLUMNS - columns)))
+            self._db.execute("PRAGMA journal_mode=WAL")
+            self._db.executescript(SCHEMA + CLAIMS)
+        except sqlite3.DatabaseError as exc:  # a damaged file with an SQLite header
+            self._db.close()
+            raise _not_a_store(self.path, f"SQLite cannot read it: {exc}") from None
+        except NotAStore:
+            self._db.close()
+            raise
         self.owner = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
         self._beating: threading.Event | None = None
         self._claimed = False  # only a store this run claimed in has claims to give back

@@ -195,6 +195,10 @@ BAD_INPUT = [
      "/nonexistent/data/cifar-100-python"),
     ("store in a file", TINY, ["--store", "{tmp}/tiny.yaml/r.db"], "tiny.yaml is a file, not a folder"),
     ("store not creatable", TINY, ["--store", "/proc/kdbench/r.db"], "--store /proc/kdbench/r.db"),
+    ("cache in a file", TINY, ["--cache-dir", "{tmp}/tiny.yaml/cache"], "--cache-dir {tmp}/tiny.yaml/cache: "
+     "{tmp}/tiny.yaml is a file, not a folder"),
+    ("cache not creatable", TINY, ["--cache-dir", "/proc/kdbench-cache"], "--cache-dir /proc/kdbench-cache: cannot "
+     "create the folder"),
     ("workers", TINY, ["--executor", "local", "--workers", "2"], "do not apply to the local executor"),
     ("timeout", TINY, ["--cell-timeout", "0"], "--cell-timeout must be a positive"),
     ("scheduler", TINY, ["--scheduler", "tcp://127.0.0.1:9", "--set", "executor={name: dask, connect_timeout: 2}"],
@@ -211,7 +215,7 @@ def test_bad_input_exits_2_with_a_message_and_writes_nothing(tiny_yaml, tmp_path
     args = ["run", str(tiny_yaml(text)), "--store", str(store), *(e.replace("{tmp}", str(tmp_path)) for e in extra)]
     assert main(args) == 2
     err = capsys.readouterr().err
-    assert err.startswith("kdbench: error: ") and message in err, err
+    assert err.startswith("kdbench: error: ") and message.replace("{tmp}", str(tmp_path)) in err, err
     assert not store.exists() and not isolated_cache.exists()
 
 
