@@ -332,6 +332,8 @@ def cmd_leaderboard(args) -> int:
     from .report.folder import environment_text, to_json
     from .report.tables import leaderboard_blocks
 
+    if args.output:
+        check_file_writable(Path(args.output), "--output")
     records, summary, notes = load_summary(args, get_plugins())
     for note in notes:
         print(f"note: {note}", file=sys.stderr)
@@ -376,6 +378,7 @@ def cmd_report(args) -> int:
         else:
             names.append(item)
     args.experiment = names or None
+    check_dir_writable(Path(args.output), "--output")  # before the statistics and the figures
     records, summary, notes = load_summary(args, plugins)
     command = "kdbench report " + " ".join(shlex.quote(a) for a in (args.argv or []))
     out = Path(args.output)

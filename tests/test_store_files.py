@@ -119,3 +119,15 @@ def test_a_pipe_closed_early_is_not_a_traceback():
     out = subprocess.run(["bash", "-c", f"set -o pipefail; {shell}"], capture_output=True, text=True)
     assert out.stdout == "tasks:\n"
     assert "Traceback" not in out.stderr and "BrokenPipeError" not in out.stderr, out.stderr
+
+
+@pytest.mark.parametrize("command", [["report", "--output", "{tmp}/tiny.yaml/report"],
+                                     ["leaderboard", "--output", "{tmp}/tiny.yaml/board.md"]])
+def test_an_output_that_cannot_be_written_is_exit_2_before_any_work(tiny_yaml, tmp_path, capsys, command):
+    tiny_yaml()  # a file where the output's folder would be
+    path, store = tiny_yaml(ONE_SEED, "one.yaml"), tmp_path / "r.db"
+    assert main(["run", str(path), "--store", str(store), "--quiet"]) == 0
+    capsys.readouterr()
+    args = [a.replace("{tmp}", str(tmp_path)) for a in command]
+    assert main([*args, "--store", str(store)]) == 2
+    assert f"--output {args[2]}: {tmp_path}/tiny.yaml is a file, not a folder" in capsys.readouterr().err
