@@ -23,9 +23,6 @@ DEFAULT_STORE = "kdbench-results.db"
 
 def cmd_run(args) -> int:
     from .config import load_experiment
-    from .report import render
-    from .report.summary import frame, latest_configs, summarize
-    from .report.tables import leaderboard_blocks
     from .plugins import get_plugins
     from .runner import build_executor, plan_run, run_experiment
     from .store import Store, check_store_file
@@ -81,9 +78,15 @@ def cmd_run(args) -> int:
                                      progress=None if args.quiet else sys.stderr, device=args.device,
                                      retry_failed=args.retry_failed, cell_timeout=args.cell_timeout,
                                      precision=args.precision, plan=plan)
-            records, _ = latest_configs(store.records(experiment.name))
+            records = store.records(experiment.name)
     finally:
         executor.close()
+    # The statistics' libraries (pandas, scipy) load only now, not before bad input is refused.
+    from .report import render
+    from .report.summary import frame, latest_configs, summarize
+    from .report.tables import leaderboard_blocks
+
+    records, _ = latest_configs(records)
     print(render.to_markdown(leaderboard_blocks(summarize(frame(records, plugins)))))
     print(f"{summary.total} cells: {summary.done} run now, {summary.skipped} not for this run, "
           f"{summary.taken} taken by another run, {len(summary.failed)} failed now"

@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import weakref
 from collections.abc import Mapping
 from importlib import resources
 from pathlib import Path
@@ -261,6 +262,16 @@ class Cell:
     pair: Pair
     recipe: str
     seed: int
+    # Cell ids by plugin registry: a plan, a resume and each progress line ask for them again,
+    # and each costs the parsing of every stage's training. Not pickled (see __getstate__).
+    _ids: weakref.WeakKeyDictionary = dataclasses.field(default_factory=weakref.WeakKeyDictionary, init=False,
+                                                        repr=False, compare=False)
+
+    def __getstate__(self) -> dict:
+        return {k: v for k, v in self.__dict__.items() if k != "_ids"}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state, _ids=weakref.WeakKeyDictionary())
 
     @property
     def stages(self) -> tuple[Stage, ...]:
@@ -297,10 +308,12 @@ class Cell:
         return base_training(self.task, plugins, {**self.experiment.training, **self.pair.student_training})
 
     def cell_id(self, plugins: Plugins) -> str:
-        config = self.config(plugins)
-        for key in UNHASHED:
-            config.pop(key)
-        return digest(config)
+        if plugins not in self._ids:
+            config = self.config(plugins)
+            for key in UNHASHED:
+                config.pop(key)
+            self._ids[plugins] = digest(config)
+        return self._ids[plugins]
 
     def labels(self) -> dict[str, Any]:
         return {"task": self.task.label(), "teacher": self.pair.teacher.label(),

@@ -79,6 +79,7 @@ class Plugins:
 
     # ------------------------------------------------------------ loading
     def load_entry_points(self, allow: set[str] | None = None, block: set[str] = frozenset()) -> None:
+        versions: dict[int, str] = {}  # each read of a distribution's version parses its metadata
         for ep in sorted(importlib.metadata.entry_points(group=ENTRY_POINT_GROUP), key=lambda e: e.name):
             if ep.name in block or (allow is not None and ep.name not in allow):
                 continue
@@ -88,7 +89,9 @@ class Plugins:
                 plugin = ep.load()
             except Exception as exc:
                 raise PluginError(f"plugin '{ep.name}' ({ep.value}) failed to import: {exc}") from exc
-            version = ep.dist.version if ep.dist is not None else "0"
+            if ep.dist is not None and id(ep.dist) not in versions:
+                versions[id(ep.dist)] = ep.dist.version
+            version = versions[id(ep.dist)] if ep.dist is not None else "0"
             self.register(plugin, ep.name, version)
 
     def register(self, plugin: Any, name: str, version: str = "0") -> None:

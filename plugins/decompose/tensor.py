@@ -15,9 +15,7 @@ import dataclasses
 from collections.abc import Callable
 
 import numpy as np
-import tensorly as tl
 import torch
-from tensorly.decomposition import parafac, partial_tucker
 from torch import nn
 
 from kdbench import hookimpl
@@ -111,6 +109,9 @@ def tucker_factors(weight: torch.Tensor, r_out: int, r_in: int, seed: int = 0
                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Tucker-2 (HOOI, ``partial_tucker`` on modes 0 and 1): ``core (r_out, r_in, kh, kw)``,
     ``u_out (out, r_out)``, ``u_in (in, r_in)`` in float64, ``W ~= core x0 u_out x1 u_in``."""
+    import tensorly as tl  # here: importing it costs every command its start-up time
+    from tensorly.decomposition import partial_tucker
+
     with tl.backend_context("numpy"):
         (core, (u_out, u_in)), _ = partial_tucker(_numpy(weight), rank=[r_out, r_in], modes=[0, 1],
                                                   init="svd", random_state=seed)
@@ -185,6 +186,9 @@ def cp_factors(weight: torch.Tensor, rank: int, seed: int = 0, iterations: int =
     b_in (in, R), k_h (kh, R), k_w (kw, R))`` in float64 with
     ``W[o,i,y,x] ~= sum_r a_out[o,r] b_in[i,r] k_h[y,r] k_w[x,r]``. Each component's weight is
     spread evenly over its four unit-norm factors, so no factor dwarfs another in fine-tuning."""
+    import tensorly as tl
+    from tensorly.decomposition import parafac
+
     tensor = _numpy(weight)
     with tl.backend_context("numpy"):
         weights, factors = parafac(tensor, rank, n_iter_max=iterations, init=_svd_init(tensor, rank, seed),
@@ -197,10 +201,12 @@ def cp_factors(weight: torch.Tensor, rank: int, seed: int = 0, iterations: int =
     return a_out, b_in, k_h, k_w
 
 
-def _svd_init(tensor: np.ndarray, rank: int, seed: int) -> tl.cp_tensor.CPTensor:
+def _svd_init(tensor: np.ndarray, rank: int, seed: int):
     """tensorly's ``init="svd"`` (leading left singular vectors of each unfolding, random
     columns beyond a mode's size), but with thin SVDs: tensorly's full SVD of a
-    ``kh x (out*in*kw)`` unfolding costs seconds on a 64-channel kernel."""
+    ``kh x (out*in*kw)`` unfolding costs seconds on a 64-channel kernel. A ``CPTensor``."""
+    import tensorly as tl
+
     rng = np.random.default_rng(seed)
     factors = []
     for mode, size in enumerate(tensor.shape):

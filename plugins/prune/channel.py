@@ -30,7 +30,6 @@ from typing import Literal
 
 import torch
 import torch.nn.functional as F
-import torch_pruning as tp
 from torch import nn
 from torch.nn.utils import prune
 
@@ -116,6 +115,8 @@ class Channel(Pruner):
         ignored = heads + attention_projections(model) + [modules[s] for s in p.skip]
         before_params = sum(t.numel() for t in model.parameters())
         before = widths(model)
+
+        import torch_pruning as tp  # here: importing it costs every command its start-up time
 
         if p.importance == "taylor":
             importance = tp.importance.GroupTaylorImportance()

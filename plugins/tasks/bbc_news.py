@@ -64,7 +64,6 @@ from pathlib import Path
 from typing import ClassVar, Literal
 
 import torch
-from sklearn.model_selection import train_test_split
 from torch.utils.data import TensorDataset
 
 from kdbench import hookimpl
@@ -170,6 +169,8 @@ class BBCNews(Task):
 
     def split_documents(self) -> dict[str, tuple[list[str], list[int], list[str]]]:
         """(texts, labels, file names) of each split."""
+        from sklearn.model_selection import train_test_split  # here: it costs a second to import
+
         p = self.params
         texts, labels, names = read_documents()
         index = list(range(len(texts)))

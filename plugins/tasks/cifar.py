@@ -31,7 +31,6 @@ from typing import Any, ClassVar
 
 import numpy as np
 import torch
-from sklearn.model_selection import train_test_split
 from torch.utils.data import TensorDataset
 
 from kdbench import hookimpl
@@ -189,6 +188,8 @@ class CIFAR(Task):
         if not layout.num_classes <= p.val_size <= len(y_all) - layout.num_classes:
             raise ValueError(f"{self.name}: val_size must be between {layout.num_classes} (one "
                              f"per class) and {len(y_all) - layout.num_classes}, got {p.val_size}")
+        from sklearn.model_selection import train_test_split  # here: it costs a second to import
+
         train, val = train_test_split(np.arange(len(y_all)), test_size=p.val_size, stratify=y_all,
                                       random_state=p.split_seed)
         mean = torch.tensor(layout.mean).view(1, 3, 1, 1)

