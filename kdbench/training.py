@@ -12,7 +12,6 @@ from collections.abc import Callable, Iterator
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.data import DataLoader
 
 from .config import Training
 from .contracts import Distiller, Outputs, Task, TaskData
@@ -129,6 +128,29 @@ def mixed_precision(device: str | torch.device, precision: str):
     return torch.autocast(torch.device(device).type, dtype=torch.bfloat16)
 
 
+def epoch_batches(n: int, batch_size: int) -> int:
+    """Optimizer steps per epoch (see ``shuffled_batches``)."""
+    return n // batch_size + (n % batch_size > 1)
+
+
+def shuffled_batches(n: int, batch_size: int, generator: torch.Generator) -> Iterator[torch.Tensor]:
+    """One epoch's batches of training indices: a permutation drawn from ``generator``, cut in
+    ``batch_size`` pieces. Indices rather than examples, so that distillers with memory banks
+    (CRD) know which examples they see. A trailing batch of one breaks batch norm in training
+    mode and relation losses (no pairs): that single example sits the epoch out rather than
+    fail the cell.
+
+    Batches and random draws are exactly those of the shuffling ``DataLoader`` that earlier
+    versions used (one int64 for its worker seed, the permutation, and the one its sampler
+    draws after the last index), so every stored result stays reproducible; without the
+    loader's cost (it collated each batch from ``batch_size`` zero-dimensional tensors)."""
+    torch.empty((), dtype=torch.int64).random_(generator=generator)
+    order = torch.randperm(n, generator=generator)
+    torch.randperm(n, generator=generator)
+    cut = n - 1 if n % batch_size == 1 else n
+    return iter(order[:cut].split(batch_size))
+
+
 def fit(model: nn.Module, data: TaskData, task: Task, training: Training, seed: int, *,
         distiller: Distiller | None = None, teacher: Teacher | None = None,
         student: Tapped | None = None, extra_modules: list[nn.Module] | None = None,
@@ -154,14 +176,15 @@ def fit(model: nn.Module, data: TaskData, task: Task, training: Training, seed: 
     params = [p for p in list(model.parameters()) + list(extra.parameters()) if p.requires_grad]
     optimizer = make_optimizer(params, training)
     generator = torch.Generator().manual_seed(seed)
-    # Shuffle indices rather than the dataset, so distillers with memory banks (CRD) see them.
-    # A trailing batch of one breaks batch norm in training mode and relation losses (no
-    # pairs); drop that single example per epoch rather than fail the cell.
-    loader = DataLoader(torch.arange(len(data.train)), batch_size=training.batch_size, shuffle=True,
-                        generator=generator, drop_last=len(data.train) % training.batch_size == 1)
     train_x, train_y = data.train.tensors
-    steps = max(len(loader), 1)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(training, s, steps))
+    batches = epoch_batches(len(train_x), training.batch_size)
+    steps = max(batches, 1)
+    # A constant schedule never changes the lr: no scheduler to step (it costs a call per step).
+    constant = training.schedule == "constant" and not training.warmup_epochs
+    scheduler = None if constant else torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: lr_factor(training, s, steps))
+    autocast = mixed_precision(device, precision)
+    on_cpu = torch.device(device).type == "cpu"
     s_points, t_points = [], []
     if distiller is not None and distiller.needs_features:
         s_points, t_points = list(student.feature_points), list(teacher.feature_points)
@@ -180,15 +203,19 @@ def fit(model: nn.Module, data: TaskData, task: Task, training: Training, seed: 
             extra.train()
             sums: dict[str, float] = defaultdict(float)
             seen = 0
-            for step, indices in enumerate(loader, start=1):
+            for step, indices in enumerate(shuffled_batches(len(train_x), training.batch_size, generator), start=1):
                 global_step += 1
                 x, y = train_x[indices], train_y[indices]
                 if data.train_transform is not None:
                     x = data.train_transform(x, generator)
-                x, y = x.to(device), y.to(device)
-                with mixed_precision(device, precision):
-                    with capture_features(model, s_points) as s_feats:
-                        s_logits = model(x)
+                if not on_cpu:
+                    x, y = x.to(device), y.to(device)
+                with autocast:
+                    if s_points:
+                        with capture_features(model, s_points) as s_feats:
+                            s_logits = model(x)
+                    else:
+                        s_feats, s_logits = {}, model(x)
                     if distiller is not None:
                         distiller.begin_batch(indices, epoch, training.epochs)
                         if teacher_outputs is not None:
@@ -202,8 +229,9 @@ def fit(model: nn.Module, data: TaskData, task: Task, training: Training, seed: 
                     else:
                         terms = {"ce": F.cross_entropy(*rows(s_logits, y), ignore_index=-100,
                                                        label_smoothing=training.label_smoothing)}
-                loss = sum(terms.values())
-                if not torch.isfinite(loss):
+                loss = sum(terms.values()) if len(terms) > 1 else next(iter(terms.values()))
+                value = loss.item()  # logged anyway; a float test costs no extra tensor op
+                if not math.isfinite(value):
                     raise FloatingPointError(non_finite_message(terms, loss, epoch, step, global_step,
                                                                 distiller is not None))
                 optimizer.zero_grad(set_to_none=True)
@@ -211,11 +239,16 @@ def fit(model: nn.Module, data: TaskData, task: Task, training: Training, seed: 
                 if training.grad_clip:
                     nn.utils.clip_grad_norm_(params, training.grad_clip)
                 optimizer.step()
-                scheduler.step()
-                for key, value in terms.items():
-                    sums[key] += value.item() * len(x)
-                sums["loss"] += loss.item() * len(x)
-                seen += len(x)
+                if scheduler is not None:
+                    scheduler.step()
+                n = len(x)
+                if len(terms) > 1:
+                    for key, term in terms.items():
+                        sums[key] += term.item() * n
+                else:
+                    sums[next(iter(terms))] += value * n
+                sums["loss"] += value * n
+                seen += n
             row = {"epoch": epoch, "lr": optimizer.param_groups[0]["lr"],
                    **{f"loss_{k}" if k != "loss" else k: v / max(seen, 1) for k, v in sums.items()}}
             score = None

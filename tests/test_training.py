@@ -148,3 +148,22 @@ def test_a_trailing_batch_of_one_is_dropped_not_fatal(plugins):
                                 torch.nn.Linear(16, 10))
     history = fit(model, data, plugins.build("task", "digits"), Training(epochs=1, batch_size=64), seed=0)
     assert len(history) == 1  # 65 = 64 + 1: the single leftover example would crash batch norm
+
+
+@pytest.mark.parametrize("n, batch", [(1437, 64), (129, 64), (128, 64), (65, 64), (7, 3)])
+def test_batches_and_random_draws_are_those_of_the_data_loader_earlier_versions_used(n, batch):
+    """Stored results stay reproducible: the same shuffled batches, the same trailing batch of
+    one left out, and the generator left in the same state after every epoch."""
+    from torch.utils.data import DataLoader
+
+    from kdbench.training import epoch_batches, shuffled_batches
+
+    ours, theirs = torch.Generator().manual_seed(7), torch.Generator().manual_seed(7)
+    loader = DataLoader(torch.arange(n), batch_size=batch, shuffle=True, generator=theirs,
+                        drop_last=n % batch == 1)
+    for _ in range(3):
+        expected = list(loader)
+        got = list(shuffled_batches(n, batch, ours))
+        assert len(got) == len(expected) == epoch_batches(n, batch)
+        assert all(torch.equal(a, b) for a, b in zip(got, expected))
+        assert torch.equal(ours.get_state(), theirs.get_state())
