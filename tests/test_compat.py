@@ -4,6 +4,7 @@ the layers that cannot take its pattern dense and says so in the stored record."
 
 from __future__ import annotations
 
+import importlib
 import json
 import textwrap
 
@@ -15,7 +16,9 @@ from kdbench.cli import main
 from kdbench.config import parse_experiment
 from kdbench.contracts import ModelFamily, Task
 from kdbench.errors import ConfigError, PluginError
+from kdbench.scaffold import new_plugin
 from kdbench.store import Store
+from kdbench.testing import check_model, check_task
 
 BBC_MLP = textwrap.dedent("""
     name: bbc-mlp
@@ -175,3 +178,19 @@ def test_nm_on_a_cnn_run_records_the_layer_it_left_dense(tmp_path):
     assert report["layers"] == ["block2.0", "fc", "head"]
     assert report["weight_sparsity"] == pytest.approx(0.5)
     assert 0.4 < report["overall_sparsity"] < 0.5
+
+
+# ---------------------------------------------------------------- new plugins
+@pytest.mark.parametrize("kind, inputs, targets", [
+    ("task", "features", "labels"), ("model", ("features", "signals", "images"), ("labels",))])
+def test_generated_tasks_and_models_declare_what_they_give_and_take(tmp_path, monkeypatch, kind,
+                                                                    inputs, targets):
+    root = new_plugin(f"gen-{kind}", kind, tmp_path)
+    monkeypatch.syspath_prepend(str(root))
+    module = importlib.import_module(f"kdbench_gen_{kind}")
+    cls = next(v for v in vars(module).values() if getattr(v, "name", "") == f"gen-{kind}")
+    assert (cls.inputs, cls.targets) == (inputs, targets)
+    if kind == "task":
+        assert check_task(cls)["inputs"] == "features"  # true of the data it loads
+    else:
+        assert set(check_model(cls)["declared"]) == set(inputs)  # served, every one
