@@ -301,8 +301,9 @@ def check_task(cls: type[Task], params: dict | None = None) -> dict[str, Any]:
     is: a test skips such a task rather than failing it. Then ``load()`` is called on two
     separately built instances and the results must be equal tensor for tensor (the splits
     are part of every result's identity), the three splits must share no example (rows are
-    hashed: a test example seen in training inflates the metric), shapes, target ranges and
-    ``input_shape`` / ``num_classes`` / ``vocab_size`` must agree with the tensors, and
+    hashed: a test example seen in training inflates the metric), shapes, target ranges,
+    ``input_shape`` / ``num_classes`` / ``vocab_size`` and the declared ``inputs`` /
+    ``targets`` (``kdbench.compat``) must agree with the tensors, and
     ``score`` must rank perfect logits above uninformative ones in the direction
     ``higher_is_better`` says.
     """
