@@ -57,7 +57,7 @@ def declaration_problems(kind: str, cls: type) -> list[str]:
         else:
             if isinstance(value, str) or value is None:
                 names = family_kinds(value)
-            elif not all(isinstance(v, str) for v in value):
+            elif not isinstance(value, (tuple, list)) or not all(isinstance(v, str) for v in value):
                 problems.append(f"{attr} is {value!r}; declare a tuple of names")
                 continue
             else:
@@ -94,9 +94,9 @@ def declares(kind: str, cls: type) -> bool:
 
 
 def fitting_families(task: type, plugins: "Plugins") -> list[str]:
-    """Registered families that declare what they take and fit ``task``."""
+    """Registered families that declare the inputs they take and fit ``task``."""
     return [name for name, entry in sorted(plugins.entries["model"].items())
-            if declares("model", entry.cls) and not declaration_problems("model", entry.cls)
+            if family_kinds(getattr(entry.cls, "inputs", ())) and not declaration_problems("model", entry.cls)
             and mismatch(task, entry.cls) is None]
 
 
