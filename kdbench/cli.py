@@ -264,6 +264,8 @@ def cmd_list(args) -> int:
         for name in plugins.names(kind):
             entry = plugins.get(kind, name)
             print(f"  {name}  ({entry.plugin} {entry.version}) - {entry.description}")
+            if entry.io:
+                print(f"      {entry.io}")
             for spec in field_specs(entry.cls.Params):
                 default = "required" if spec["required"] else f"default {spec['default']!r}"
                 print(f"      {spec['name']}: {spec['type']} ({default})")

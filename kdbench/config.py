@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any, ClassVar, Literal
 
 from . import __version__, yamlfile
+from .compat import check_experiment as check_compatibility
 from .errors import ConfigError, did_you_mean, unknown
 from .params import as_dict, defaults, parse_params
 from .plugins import Plugins
@@ -411,6 +412,7 @@ def parse_experiment(raw: Any, plugins: Plugins, source: str = "<experiment>") -
                   for i, r in enumerate(_list(raw["tasks"], "tasks")))
     pairs = tuple(parse_pair(plugins, p, f"pairs[{i}]")
                   for i, p in enumerate(_list(raw["pairs"], "pairs")))
+    check_compatibility(tasks, pairs, plugins)  # an mlp on token ids fails here, not in a run
     recipes_raw = raw["recipes"]
     if not isinstance(recipes_raw, Mapping) or not recipes_raw:
         raise ConfigError("'recipes' must map recipe names to lists of stages", "recipes")

@@ -64,6 +64,13 @@ class Task(Component):
     higher_is_better: ClassVar[bool] = True
     #: Keys of the experiment file's ``training`` block; the file overrides them.
     default_training: ClassVar[dict[str, Any]] = {}
+    #: What one input example is: "features" (float vectors (D,)), "signals" (float 1-D
+    #: signals (L,) or (C, L)), "images" (float (C, H, W)) or "tokens" (integer ids (T,),
+    #: ``vocab_size`` set). None: not declared, and families are not checked against it.
+    inputs: ClassVar[str | None] = None
+    #: What the targets are: "labels" (one class per example, (N,)) or "positions" (one per
+    #: position, (N, T), as in language modelling). None: not declared.
+    targets: ClassVar[str | None] = None
 
     def check(self) -> None:
         """Cheap checks of what ``load`` will need (a dataset folder, its files), run before
@@ -91,6 +98,12 @@ class ModelFamily(Component):
     """
 
     pretrained: ClassVar[bool] = False
+    #: The task inputs ``build`` serves (names as in ``Task.inputs``), checked against every
+    #: task of an experiment when it is parsed; empty: not declared, not checked.
+    inputs: ClassVar[tuple[str, ...]] = ()
+    #: The task targets its logits predict ("labels": ``(B, classes)``; "positions":
+    #: ``(B, T, classes)``); empty: not declared, not checked.
+    targets: ClassVar[tuple[str, ...]] = ()
 
     def build(self, data: TaskData) -> nn.Module:
         raise NotImplementedError

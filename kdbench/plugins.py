@@ -18,7 +18,7 @@ from typing import Any
 
 import pluggy
 
-from . import hookspecs
+from . import compat, hookspecs
 from .contracts import KINDS, Component
 from .errors import ConfigError, PluginError, unknown
 from .params import field_specs, parse_params
@@ -63,7 +63,12 @@ class Entry:
         for attr in ("category", "paper", "materialized", "metric"):
             if hasattr(self.cls, attr):
                 info[attr] = getattr(self.cls, attr)
-        return info
+        return {**info, **compat.entry_io(self)}  # a task's or family's inputs and targets
+
+    @property
+    def io(self) -> str:
+        """What a task gives or a family takes and predicts, in words ('' if undeclared)."""
+        return compat.describe(self.kind, self.cls)
 
 
 class Plugins:

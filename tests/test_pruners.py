@@ -165,6 +165,30 @@ def test_wanda_on_gpt_prunes_every_row_and_honours_skip(plugins):
     assert torch.all(export(model).blocks[0].mlp[0].weight[model.blocks[0].mlp[0].weight_mask == 0] == 0)
 
 
+def test_wanda_and_magnitude_name_the_layers_they_leave_dense(plugins):
+    model, data = build(plugins, "cnn", params={"channels": [8, 16], "hidden": 16})
+    convs = {name: m.weight.detach().clone() for name, m in model.named_modules() if isinstance(m, nn.Conv2d)}
+    wanda = plugins.build("pruner", "wanda", {"skip": ["head"]})
+    wanda.apply(model, ctx(data))
+    report = wanda.report()
+    assert report["layers"] == ["fc"]
+    assert report["skipped_layers"] == {"block1.0": "Conv2d: wanda scores Linear layers only",
+                                        "block2.0": "Conv2d: wanda scores Linear layers only",
+                                        "head": "listed in skip"}
+    assert all(torch.equal(model.get_submodule(name).weight, w) for name, w in convs.items())
+    total = sum(m.weight.numel() for m in linear_and_conv(model))
+    assert report["overall_sparsity"] == pytest.approx(0.5 * model.fc.weight.numel() / total)
+
+    model, data = build(plugins, "mlp")
+    magnitude = plugins.build("pruner", "magnitude", {"sparsity": 0.5, "skip": ["head"]})
+    magnitude.apply(model, ctx(data))
+    report = magnitude.report()
+    assert report["skipped_layers"] == {"head": "listed in skip"}
+    assert report["weight_sparsity"] == pytest.approx(0.5, abs=0.01)
+    assert int((model.head.weight == 0).sum()) == 0
+    assert report["overall_sparsity"] < report["weight_sparsity"]
+
+
 def test_wanda_errors(plugins):
     conv_only = nn.Sequential(nn.Conv2d(1, 2, 3))
     data = task_data(torch.randn(2, 1, 5, 5), torch.zeros(2, dtype=torch.long), 2)
@@ -208,17 +232,37 @@ def test_nm_every_group_on_conv_and_linear(plugins, n, m):
     model, data = build(plugins, "cnn", params={"channels": [8, 16], "hidden": 16})
     before = {name: mod.weight.detach().clone() for name, mod in model.named_modules()
               if isinstance(mod, (nn.Linear, nn.Conv2d))}
-    with pytest.raises(ValueError, match=r"'block1.0'.*skip"):
-        plugins.build("pruner", "nm", {"n": n, "m": m}).apply(model, ctx(data))
-    pruner = plugins.build("pruner", "nm", {"n": n, "m": m, "skip": ["block1.0"]})
+    pruner = plugins.build("pruner", "nm", {"n": n, "m": m})
     model = pruner.apply(model, ctx(data))
     modules = dict(model.named_modules())
+    # The 1-channel 3x3 first conv has 9 weights per output: it cannot take n:m and stays dense.
     assert torch.equal(modules["block1.0"].weight, before["block1.0"])
     for name in ("block2.0", "fc", "head"):  # conv groups run over in_channels * kh * kw
         assert_nm(modules[name].weight, before[name].abs(), n, m)
-    assert pruner.report()["weight_sparsity"] == pytest.approx(1 - n / m, abs=0.01)
+    report = pruner.report()
+    assert report["skipped_layers"] == {"block1.0": f"9 weights per output, not a multiple of {m}"}
+    assert report["layers"] == ["block2.0", "fc", "head"]
+    assert report["weight_sparsity"] == pytest.approx(1 - n / m)
+    # Over every Linear/Conv weight the dense first conv lowers the sparsity reached.
+    sizes = {name: w.numel() for name, w in before.items()}
+    pruned = sum(v for k, v in sizes.items() if k != "block1.0")
+    assert report["overall_sparsity"] == pytest.approx((1 - n / m) * pruned / sum(sizes.values()))
     assert model(data.train.tensors[0][:2]).shape == (2, 10)
     assert pruner.materialized is False
+
+
+def test_nm_listed_skip_is_recorded_and_a_model_that_cannot_take_the_pattern_is_refused(plugins):
+    model, data = build(plugins, "cnn", params={"channels": [8, 16], "hidden": 16})
+    head = model.head.weight.detach().clone()
+    pruner = plugins.build("pruner", "nm", {"skip": ["head"]})
+    pruner.apply(model, ctx(data))
+    assert torch.equal(model.head.weight, head)
+    assert pruner.report()["skipped_layers"] == {
+        "block1.0": "9 weights per output, not a multiple of 4", "head": "listed in skip"}
+    odd = nn.Sequential(nn.Linear(6, 3), nn.ReLU(), nn.Linear(3, 2))  # 6 and 3 inputs: no 4-group
+    with pytest.raises(ValueError, match=r"no Linear or Conv layer that can take the pattern "
+                                         r"\(0: 6 weights per output, not a multiple of 4"):
+        plugins.build("pruner", "nm").apply(odd, ctx(flat_data(features=6)))
 
 
 def test_nm_wanda_scores_on_gpt(plugins):

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
 import fnmatch
 import hashlib
 import math
@@ -35,7 +36,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import TensorDataset
 
-from kdbench import hookimpl
+from kdbench import compat, hookimpl
 from kdbench.config import Training, parse_ref
 from kdbench.contracts import KINDS, CompressionContext, DistillContext, Outputs, Task, TaskData
 from kdbench.errors import ConfigError, PluginError
@@ -57,7 +58,15 @@ PAIRS: dict[str, tuple[tuple[str, dict], tuple[str, dict], str]] = {
     "gpt": (("gpt", {"layers": 2, "width": 32, "heads": 2, "context": 16}),
             ("gpt", {"layers": 1, "width": 16, "heads": 2, "context": 16}), "tokens"),
 }
-DATA_KINDS = ("vector", "image", "tokens", "text")
+DATA_KINDS = ("vector", "image", "tokens", "text", "signal")
+#: The tiny data that stands for each (input, target) a family may declare (kdbench.compat).
+DECLARED_DATA: dict[tuple[str, str], str] = {
+    ("features", "labels"): "vector", ("signals", "labels"): "signal",
+    ("images", "labels"): "image", ("tokens", "labels"): "text", ("tokens", "positions"): "tokens",
+}
+#: Dimensions of one example for each declared input kind (tokens: integer ids (T,)).
+INPUT_DIMS: dict[str, tuple[int, ...]] = {"features": (1,), "signals": (1, 2), "images": (3,),
+                                          "tokens": (1,)}
 
 
 # ---------------------------------------------------------------- messages and building
@@ -194,9 +203,24 @@ def tiny_image_data(seed: int = 0, train: int = 16, val: int = 8, test: int = 8,
                     TensorDataset(x[b:], y[b:]), input_shape=shape, num_classes=classes)
 
 
+def tiny_signal_data(seed: int = 0, train: int = 128, val: int = 32, test: int = 32,
+                     length: int = 40, classes: int = 10) -> TaskData:
+    """1-D float signals ``(length,)`` like MNIST-1D's 40 samples: Gaussian blobs smoothed
+    along the signal (the length is no perfect square, so ``cnn`` runs 1-D convolutions)."""
+    data = tiny_task_data(seed, train, val, test, features=length, classes=classes)
+    kernel = torch.full((1, 1, 5), 0.2)
+
+    def smooth(ds: TensorDataset) -> TensorDataset:
+        x, y = ds.tensors
+        return TensorDataset(F.conv1d(x[:, None], kernel, padding=2)[:, 0], y)
+
+    return dataclasses.replace(data, train=smooth(data.train), val=smooth(data.val),
+                               test=smooth(data.test))
+
+
 _DATA: dict[str, Callable[..., TaskData]] = {
     "vector": tiny_task_data, "image": tiny_image_data, "tokens": tiny_token_data,
-    "text": tiny_text_data,
+    "text": tiny_text_data, "signal": tiny_signal_data,
 }
 
 
@@ -277,8 +301,9 @@ def check_task(cls: type[Task], params: dict | None = None) -> dict[str, Any]:
     is: a test skips such a task rather than failing it. Then ``load()`` is called on two
     separately built instances and the results must be equal tensor for tensor (the splits
     are part of every result's identity), the three splits must share no example (rows are
-    hashed: a test example seen in training inflates the metric), shapes, target ranges and
-    ``input_shape`` / ``num_classes`` / ``vocab_size`` must agree with the tensors, and
+    hashed: a test example seen in training inflates the metric), shapes, target ranges,
+    ``input_shape`` / ``num_classes`` / ``vocab_size`` and the declared ``inputs`` /
+    ``targets`` (``kdbench.compat``) must agree with the tensors, and
     ``score`` must rank perfect logits above uninformative ones in the direction
     ``higher_is_better`` says.
     """
@@ -345,6 +370,7 @@ def check_task(cls: type[Task], params: dict | None = None) -> dict[str, Any]:
         if len(real) and (int(real.min()) < 0 or int(real.max()) >= data.num_classes):
             _fail(label, "num_classes", f"is {data.num_classes} but the {split} targets range over "
                   f"[{int(real.min())}, {int(real.max())}]", "targets are in [0, num_classes) or -100")
+    _check_task_declaration(label, cls, data)
     for split in splits:
         for i, (a, b) in enumerate(zip(getattr(data, split).tensors, getattr(again, split).tensors)):
             if a.shape != b.shape or not torch.equal(a, b):
@@ -381,8 +407,34 @@ def check_task(cls: type[Task], params: dict | None = None) -> dict[str, Any]:
               f"{worst:.4g}, but higher_is_better is {cls.higher_is_better}",
               "make higher_is_better say which way the metric improves")
     return {"sizes": {s: len(ds) for s, ds in splits.items()}, "input_shape": shape,
+            "inputs": getattr(cls, "inputs", None), "targets": getattr(cls, "targets", None),
             "num_classes": data.num_classes, "vocab_size": data.vocab_size,
             "load_seconds": seconds, "score_perfect": best, "score_uniform": worst}
+
+
+def _check_task_declaration(label: str, cls: type[Task], data: TaskData) -> None:
+    """``inputs`` / ``targets``, when declared, are known names and true of the loaded data:
+    experiments are accepted or refused on the strength of them."""
+    problems = compat.declaration_problems("task", cls)
+    if problems:
+        _fail(label, "class attributes 'inputs' / 'targets'", "; ".join(problems),
+              "use the names of kdbench.compat.INPUTS and TARGETS, or leave them None")
+    x, y = data.train.tensors
+    given, wanted = getattr(cls, "inputs", None), getattr(cls, "targets", None)
+    if given is not None:
+        tokens = given == "tokens"
+        integer = not x.is_floating_point()
+        if (x.dim() - 1 not in INPUT_DIMS[given] or integer != tokens
+                or tokens != (data.vocab_size is not None)):
+            _fail(label, "class attribute 'inputs'", f"says {given!r} ({compat.INPUTS[given]}) but "
+                  f"the train inputs are {x.dtype} of shape {tuple(x.shape[1:])} per example, "
+                  f"vocab_size {data.vocab_size}",
+                  "declare what load() gives: 'features' float (D,), 'signals' float (L,) or "
+                  "(C, L), 'images' float (C, H, W), 'tokens' integer ids (T,) with vocab_size")
+    if wanted is not None and y.dim() != (1 if wanted == "labels" else 2):
+        _fail(label, "class attribute 'targets'", f"says {wanted!r} ({compat.TARGETS[wanted]}) but "
+              f"the train targets have shape {tuple(y.shape)}",
+              "declare 'labels' for targets (N,), 'positions' for targets (N, T)")
 
 
 # ---------------------------------------------------------------- models
@@ -470,12 +522,18 @@ def check_model(cls, params: dict | None = None, *, data: str | TaskData | None 
     ``pretrained``) which trains.
 
     ``data``: a ``TaskData``, or one of ``vector`` (64 features), ``image`` (3x32x32),
-    ``tokens`` (next-token prediction) and ``text`` (token-sequence classification); by
-    default the first of these the family serves (its ``build`` raises ``ValueError`` for
-    the others, as the contract asks).
+    ``tokens`` (next-token prediction), ``text`` (token-sequence classification) and
+    ``signal`` (40-sample 1-D signals). By default, a family that declares its ``inputs``
+    (and ``targets``) must serve the tiny data of every declared kind, since experiments are
+    accepted on the strength of the declaration; one that declares nothing is checked on the
+    first kind it serves (its ``build`` raises ``ValueError`` for the others, as the
+    contract asks).
     """
     label = _label("model", cls)
     family = _build("model", cls, params)
+    declared = _declared_data(label, cls)
+    if data is None and declared:
+        return _check_declared(label, family, declared, batch, seed)
     with torch.random.fork_rng(devices=[]):
         if isinstance(data, TaskData):
             torch.manual_seed(seed)
@@ -501,6 +559,45 @@ def check_model(cls, params: dict | None = None, *, data: str | TaskData | None 
                 refused[kind] = str(exc)
     _fail(label, "build()", f"served none of the tiny data kinds: {refused}",
           "pass data= one the family serves, or fix the first failure listed")
+
+
+def _declared_data(label: str, cls) -> dict[str, list[str]]:
+    """Declared (input, target) combinations -> the tiny data kinds that stand for them; empty
+    when the family declares no inputs. Combinations without tiny data are left out."""
+    problems = compat.declaration_problems("model", cls)
+    if problems:
+        _fail(label, "class attributes 'inputs' / 'targets'", "; ".join(problems),
+              "use the names of kdbench.compat.INPUTS and TARGETS, or leave them empty")
+    targets = compat.family_kinds(getattr(cls, "targets", ())) or tuple(compat.TARGETS)
+    out = {}
+    for given in compat.family_kinds(getattr(cls, "inputs", ())):
+        kinds = [DECLARED_DATA[given, t] for t in targets if (given, t) in DECLARED_DATA]
+        if kinds:
+            out[given] = kinds
+    return out
+
+
+def _check_declared(label: str, family, declared: dict[str, list[str]], batch: int,
+                    seed: int) -> dict[str, Any]:
+    """Every declared input served on (one of) its tiny data kinds."""
+    results: dict[str, dict[str, Any]] = {}
+    with torch.random.fork_rng(devices=[]):
+        for given, kinds in declared.items():
+            why = {}
+            for kind in kinds:
+                torch.manual_seed(seed)
+                try:
+                    results[given] = {"data": kind, **_try_model(label, family, _data(kind, seed), batch)}
+                    break
+                except (_Refused, AssertionError) as exc:
+                    why[kind] = str(exc)
+            else:
+                _fail(label, "class attribute 'inputs'", f"declares {given!r} "
+                      f"({compat.INPUTS[given]}), but on the tiny {' / '.join(kinds)} data: {why}",
+                      "make build() serve every declared input (and target), or declare only "
+                      "what it serves")
+    first = next(iter(results.values()))
+    return {**first, "declared": {given: r["data"] for given, r in results.items()}}
 
 
 # ---------------------------------------------------------------- distillers
@@ -852,18 +949,42 @@ def _claimed_sparsity(params: dict[str, Any], report: dict) -> tuple[float | Non
     return None, ""
 
 
+def _check_left_dense(label: str, report: dict, original: nn.Module, deployable: nn.Module,
+                      structural: bool) -> list[str]:
+    """The layers ``report()['skipped_layers']`` says were left dense (module path -> reason):
+    real layers whose weights are untouched (masks leave their tensors in place; a structural
+    pruner may still shrink their inputs). The check measures sparsity without them."""
+    left = report.get("skipped_layers", {})
+    if not isinstance(left, dict) or not all(isinstance(k, str) and isinstance(v, str) and v
+                                             for k, v in left.items()):
+        _fail(label, "report()", f"skipped_layers is {left!r}", "map each module path left dense "
+              "to the reason, e.g. {'block1.0': '9 weights per output, not a multiple of 4'}")
+    before = _prunable_weights(original, ())
+    after = _prunable_weights(deployable, ())
+    for name in left:
+        if name not in before:
+            _fail(label, "report()", f"skipped_layers names '{name}', not a Linear/Conv layer of the "
+                  f"model (those are {sorted(before)})", "name the module paths left dense")
+        if not structural and not torch.equal(after.get(name, torch.empty(0)), before[name]):
+            _fail(label, "report()", f"skipped_layers names '{name}', but its weights changed",
+                  "list only the layers left dense, or leave them dense")
+    return list(left)
+
+
 def check_pruner(cls, params: dict | None = None, *, tolerance: float = 0.05, seed: int = 0,
                  models: tuple[str, ...] | None = None) -> dict[str, Any]:
     """A pruner's sparsity is the one it claims, and the pruned model still runs.
 
     Applied to a tiny trained MLP (and a CNN when ``materialized``: structured pruning), then
     folded by ``kdbench.measure.export``. The measured sparsity is the fraction of the dense
-    model's Linear/Conv weights that are zero or gone afterwards (layers in a ``skip``
-    parameter left out); it must be within ``tolerance`` of the claim (``sparsity``, ``ratio``
-    or ``n``/``m`` in the parameters, else ``report()['weight_sparsity']``) -- at least the
-    claim when whole structures were removed, which removes more weights than channels --
-    and ``report()['weight_sparsity']``, when given, must be the truth. ``materialized`` must
-    match the artifact (parameters removed, or not).
+    model's Linear/Conv weights that are zero or gone afterwards, leaving out the layers in a
+    ``skip`` parameter and those ``report()['skipped_layers']`` names as left dense (these
+    must be real layers with untouched weights); it must be within ``tolerance`` of the claim
+    (``sparsity``, ``ratio`` or ``n``/``m`` in the parameters, else
+    ``report()['weight_sparsity']``) -- at least the claim when whole structures were
+    removed, which removes more weights than channels -- and ``report()['weight_sparsity']``
+    and ``['overall_sparsity']`` (over every Linear/Conv weight), when given, must be the
+    truth. ``materialized`` must match the artifact (parameters removed, or not).
     """
     label = _label("pruner", cls)
     results = {}
@@ -878,13 +999,14 @@ def check_pruner(cls, params: dict | None = None, *, tolerance: float = 0.05, se
             except _Refused as exc:
                 _fail(label, "apply()", f"refused a tiny trained {model_name}: {exc}",
                       "prune plain Linear/Conv models, or pass parameters that serve them", exc)
-        skip = p.get("skip", ())
+        structural = count_parameters(deployable)[0] < count_parameters(original)[0]
+        left_dense = _check_left_dense(label, report, original, deployable, structural)
+        skip = [*(p.get("skip") or ()), *left_dense]
         dense = _prunable_weights(original, skip)
         after = _prunable_weights(deployable, skip)
         total = sum(w.numel() for w in dense.values())
         kept = sum(int(torch.count_nonzero(w)) for w in after.values())
         measured = 1 - kept / total
-        structural = count_parameters(deployable)[0] < count_parameters(original)[0]
         claim, source = _claimed_sparsity(p, report)
         where = f"on a tiny {model_name}"
         if claim is None:
@@ -901,6 +1023,15 @@ def check_pruner(cls, params: dict | None = None, *, tolerance: float = 0.05, se
         if isinstance(reported, (int, float)) and not structural and abs(reported - measured) > tolerance:
             _fail(label, "report()", f"says weight_sparsity {reported:.3f} but {measured:.3f} is measured "
                   f"{where}", "report the sparsity the model really has")
+        overall = report.get("overall_sparsity")
+        if isinstance(overall, (int, float)) and not structural:
+            every = _prunable_weights(deployable, ())
+            truth = 1 - sum(int(torch.count_nonzero(w)) for w in every.values()) / sum(
+                w.numel() for w in every.values())
+            if abs(overall - truth) > tolerance:
+                _fail(label, "report()", f"says overall_sparsity {overall:.3f} but {truth:.3f} of all "
+                      f"Linear/Conv weights are zero {where}", "count every Linear/Conv weight, "
+                      "the layers left dense included")
         sizes = _check_materialized(label, cls, original, deployable, sparse_files=True)
         _check_trainable(label, cls, returned, data)
         results[model_name] = {"sparsity": measured, "claimed": claim, "structural": structural,

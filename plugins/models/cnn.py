@@ -61,6 +61,8 @@ class CNN(ModelFamily):
     name = "cnn"
     description = ("small conv net (1-D for sequences, 2-D for images); feature points are the "
                    "conv blocks and the pre-logit feature")
+    inputs = ("features", "signals", "images")  # flat vectors are viewed as 1-D signals or square images
+    targets = ("labels",)
 
     @dataclasses.dataclass(frozen=True)
     class Params:

@@ -137,6 +137,8 @@ class GPT(ModelFamily):
     name = "gpt"
     description = ("decoder-only transformer (GPT-2 style, pre-LayerNorm, causal attention) for "
                    "language modelling; features are block outputs, attention maps are tapped")
+    inputs = ("tokens",)
+    targets = ("positions",)
 
     @dataclasses.dataclass(frozen=True)
     class Params:

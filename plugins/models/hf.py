@@ -135,6 +135,8 @@ def check_vocab(model: CausalLM, data: TaskData, family: str) -> None:
 
 class LanguageModels(ModelFamily):
     pretrained = True
+    inputs = ("tokens",)
+    targets = ("positions",)  # causal LMs: logits for the next token at every position
 
     def feature_points(self, model: nn.Module) -> list[str]:
         return decoder_layers(model)

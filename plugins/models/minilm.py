@@ -196,6 +196,8 @@ class MiniLM(ModelFamily):
     name = "minilm"
     description = ("all-MiniLM-L6-v2 sentence encoder (frozen; mean pooling, L2 norm) with a linear "
                    "probe head; feature point: the 384-d embedding. Needs bbc-news tokenizer: minilm")
+    inputs = ("tokens",)  # its own WordPiece ids (bbc-news tokenizer: minilm)
+    targets = ("labels",)
 
     @dataclasses.dataclass(frozen=True)
     class Params:

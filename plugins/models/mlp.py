@@ -18,6 +18,8 @@ ACTIVATIONS = {"relu": nn.ReLU, "gelu": nn.GELU, "tanh": nn.Tanh}
 class MLP(ModelFamily):
     name = "mlp"
     description = "multilayer perceptron; feature points are the hidden activations"
+    inputs = ("features", "signals", "images")  # flattened
+    targets = ("labels",)
 
     @dataclasses.dataclass(frozen=True)
     class Params:

@@ -108,6 +108,8 @@ class MobileNetV2(ModelFamily):
 
     name = "mobilenetv2"
     description = "CIFAR MobileNetV2 (width 0.5 is the CRD tables' student) with inverted residuals"
+    inputs = ("images",)
+    targets = ("labels",)
 
     @dataclasses.dataclass(frozen=True)
     class Params:

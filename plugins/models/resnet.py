@@ -106,6 +106,8 @@ class ResNet(ModelFamily):
 
     name = "resnet"
     description = "CIFAR ResNet (resnet8..110, resnet8x4, resnet32x4) as in the CRD/RepDistiller tables"
+    inputs = ("images",)
+    targets = ("labels",)
 
     @dataclasses.dataclass(frozen=True)
     class Params:

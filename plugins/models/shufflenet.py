@@ -112,6 +112,8 @@ class ShuffleNetV1(ModelFamily):
 
     name = "shufflenetv1"
     description = "CIFAR ShuffleNet V1 (grouped 1x1 convs + channel shuffle), the CRD tables' student"
+    inputs = ("images",)
+    targets = ("labels",)
 
     @dataclasses.dataclass(frozen=True)
     class Params:
@@ -181,6 +183,8 @@ class ShuffleNetV2(ModelFamily):
 
     name = "shufflenetv2"
     description = "CIFAR ShuffleNet V2 (channel split + shuffle, sizes 0.5-2.0), the CRD tables' student"
+    inputs = ("images",)
+    targets = ("labels",)
 
     @dataclasses.dataclass(frozen=True)
     class Params:

@@ -65,6 +65,8 @@ class BagOfEmbeddings(nn.Module):
 class BOW(ModelFamily):
     name = "bow"
     description = "bag of embeddings: mean of non-pad token embeddings, then an MLP (fastText-like)"
+    inputs = ("tokens",)
+    targets = ("labels",)
 
     @dataclasses.dataclass(frozen=True)
     class Params:
@@ -128,6 +130,8 @@ class TextTransformer(ModelFamily):
     name = "text-transformer"
     description = ("transformer encoder with a padding mask, mean pooling over non-pad tokens "
                    "and a linear head; features are block outputs, attention maps are tapped")
+    inputs = ("tokens",)
+    targets = ("labels",)
 
     @dataclasses.dataclass(frozen=True)
     class Params:

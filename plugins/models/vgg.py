@@ -90,6 +90,8 @@ class VGG(ModelFamily):
 
     name = "vgg"
     description = "CIFAR VGG with batch norm (vgg8, vgg11, vgg13, vgg16, vgg19) as in the CRD tables"
+    inputs = ("images",)
+    targets = ("labels",)
 
     @dataclasses.dataclass(frozen=True)
     class Params:

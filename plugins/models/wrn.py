@@ -93,6 +93,8 @@ class WRN(ModelFamily):
 
     name = "wrn"
     description = "wide ResNet WRN-depth-widen (e.g. wrn-40-2, wrn-16-2, wrn-40-1) as in the CRD tables"
+    inputs = ("images",)
+    targets = ("labels",)
 
     @dataclasses.dataclass(frozen=True)
     class Params:

@@ -27,6 +27,22 @@ def prunable_weights(model: nn.Module, skip: tuple[str, ...] = ()) -> list[tuple
     return [(m, "weight") for name, m in found.items() if name not in left_out]
 
 
+def sparsity_report(model: nn.Module, pruned: dict[str, nn.Module],
+                    skipped: dict[str, str]) -> dict[str, object]:
+    """The zeros a pruner left: ``weight_sparsity`` over the layers it pruned,
+    ``overall_sparsity`` over every Linear/Conv weight of the model (layers left dense
+    included, so a reader sees what they cost), and ``skipped_layers``, module path -> why
+    the layer was left dense."""
+    everything = [m for m in model.modules() if isinstance(m, PRUNABLE)]
+    zeros = sum(int((m.weight == 0).sum()) for m in pruned.values())
+    total = sum(m.weight.numel() for m in pruned.values())
+    all_zeros = sum(int((m.weight == 0).sum()) for m in everything)
+    all_total = sum(m.weight.numel() for m in everything)
+    return {"weight_sparsity": zeros / total if total else 0.0,
+            "overall_sparsity": all_zeros / all_total if all_total else 0.0,
+            "skipped_layers": dict(sorted(skipped.items()))}
+
+
 class Magnitude(Pruner):
     name = "magnitude"
     description = "unstructured L1-magnitude pruning of weights to a target sparsity, global or per layer"
@@ -47,7 +63,10 @@ class Magnitude(Pruner):
                 raise ValueError(f"sparsity must be in [0, 1), got {self.sparsity}")
 
     def apply(self, model: nn.Module, context: CompressionContext) -> nn.Module:
-        targets = prunable_weights(model, self.params.skip)
+        found = {name: m for name, m in model.named_modules() if isinstance(m, PRUNABLE)}
+        left_out = skipped(found, self.params.skip, "Linear or Conv layers")
+        pruned = {name: m for name, m in found.items() if name not in left_out}
+        targets = [(m, "weight") for m in pruned.values()]
         if not targets:
             raise ValueError("magnitude pruning found no Linear or Conv layer to prune")
         if self.params.scope == "global":
@@ -56,9 +75,7 @@ class Magnitude(Pruner):
         else:
             for module, attr in targets:
                 prune.l1_unstructured(module, attr, amount=self.params.sparsity)
-        zeros = sum(int((m.weight == 0).sum()) for m, _ in targets)
-        total = sum(m.weight.numel() for m, _ in targets)
-        self._report = {"weight_sparsity": zeros / total}
+        self._report = sparsity_report(model, pruned, {name: "listed in skip" for name in left_out})
         return model
 
     def report(self):

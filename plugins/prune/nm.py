@@ -12,11 +12,16 @@ and conv layers then fall back to magnitude (their inputs are not collected).
 
 PyTorch's 2:4 sparse kernels (``to_sparse_semi_structured``) are CUDA-only, so here the
 pattern is kept as a ``torch.nn.utils.prune`` mask on dense weights: ``materialized =
-False`` (the file is not smaller, CPU inference not faster). A layer whose group dimension
-is not a multiple of ``m`` (e.g. the 1-channel 3x3 first conv, 9 weights per filter) is an
-error naming the layer; list it in ``skip``.
+False`` (the file is not smaller, CPU inference not faster).
 
-Example: ``[{prune: {name: nm, n: 2, m: 4, skip: [block1.0]}}, {finetune: {epochs: 3}}]``.
+Layers that cannot take the pattern are left dense, as NVIDIA's ASP does: a layer whose
+group dimension is not a multiple of ``m`` (e.g. a 1-channel 3x3 first conv, 9 weights per
+filter). So are the layers listed in ``skip``. ``report()`` names each one with the reason
+in ``skipped_layers``, and gives the sparsity over the pruned layers (``weight_sparsity``:
+``1 - n/m`` on dense weights) and over all Linear and Conv weights (``overall_sparsity``,
+lower when layers were left dense). A model where no layer can take the pattern is an error.
+
+Example: ``[{prune: {name: nm, n: 2, m: 4, skip: [head]}}, {finetune: {epochs: 3}}]``.
 """
 
 from __future__ import annotations
@@ -31,7 +36,7 @@ from torch.nn.utils import prune
 from kdbench import hookimpl
 from kdbench.calibration import skipped
 from kdbench.contracts import CompressionContext, Pruner
-from kdbench_plugins.prune.magnitude import PRUNABLE
+from kdbench_plugins.prune.magnitude import PRUNABLE, sparsity_report
 from kdbench_plugins.prune.wanda import wanda_scores
 
 
@@ -67,25 +72,26 @@ class NM(Pruner):
     def apply(self, model: nn.Module, context: CompressionContext) -> nn.Module:
         p = self.params
         found = {name: mod for name, mod in model.named_modules() if isinstance(mod, PRUNABLE)}
-        left_out = skipped(found, p.skip, "Linear or Conv layers")
-        layers = {name: mod for name, mod in found.items() if name not in left_out}
+        dense = {name: "listed in skip" for name in skipped(found, p.skip, "Linear or Conv layers")}
+        for name, mod in found.items():
+            group_dim = mod.weight[0].numel()  # the flattened input dimension of one output
+            if name not in dense and group_dim % p.m:
+                dense[name] = f"{group_dim} weights per output, not a multiple of {p.m}"
+        layers = {name: mod for name, mod in found.items() if name not in dense}
         if not layers:
-            raise ValueError("nm found no Linear or Conv layer to prune (check skip)")
-        for name, mod in layers.items():
-            group_dim = mod.weight[0].numel()
-            if group_dim % p.m:
-                raise ValueError(f"nm {p.n}:{p.m}: layer {name!r} has {group_dim} weights per output "
-                                 f"along its input dimension, not a multiple of {p.m}; add it to skip "
-                                 f"(skip: [{name}])")
+            shown = [f"{name}: {why}" for name, why in dense.items()]
+            reasons = "; ".join(shown[:4]) + (" ..." if len(shown) > 4 else "") or "none found"
+            raise ValueError(f"nm {p.n}:{p.m} found no Linear or Conv layer that can take the "
+                             f"pattern ({reasons}); choose an m that divides the layers' input "
+                             f"sizes, or another pruner")
         linear = {name: mod for name, mod in layers.items() if isinstance(mod, nn.Linear)}
         scores = (wanda_scores(model, linear, context.calibration)
                   if p.score == "wanda" and linear else {})
         for name, mod in layers.items():
             score = scores.get(name, mod.weight.detach().abs())
             prune.custom_from_mask(mod, "weight", nm_mask(score, p.n, p.m).to(mod.weight.device))
-        zeros = sum(int((mod.weight == 0).sum()) for mod in layers.values())
-        total = sum(mod.weight.numel() for mod in layers.values())
-        self._report = {"pattern": f"{p.n}:{p.m}", "score": p.score, "weight_sparsity": zeros / total,
+        self._report = {"pattern": f"{p.n}:{p.m}", "score": p.score,
+                        **sparsity_report(model, layers, dense),
                         "layers": sorted(layers), "skipped": sorted(p.skip),
                         "magnitude_scored": sorted(set(layers) - set(scores))}
         return model

@@ -10,9 +10,12 @@ Deviations: the statistics of all layers come from one pass of the calibration i
 through the dense model (the paper's description); the reference code instead prunes
 transformer blocks one after another, feeding each block the outputs of the already pruned
 ones. ``skip`` defaults to nothing, so the classifier / LM head is pruned too; the paper
-leaves the LM head dense (``skip: [head]`` for kdbench's gpt). Masks are kept through
-``torch.nn.utils.prune`` so zeros survive fine-tuning; dense kernels still run over the
-zeros, so it is not faster (``materialized = False``).
+leaves the LM head dense (``skip: [head]`` for kdbench's gpt). Conv layers are left dense
+(their inputs are not collected); ``report()`` names them and the skipped layers in
+``skipped_layers``, and gives ``overall_sparsity`` over all Linear and Conv weights next to
+``weight_sparsity`` over the pruned ones. Masks are kept through ``torch.nn.utils.prune`` so
+zeros survive fine-tuning; dense kernels still run over the zeros, so it is not faster
+(``materialized = False``).
 
 Example: ``[{prune: {name: wanda, sparsity: 0.5, skip: [head]}}, {finetune: {epochs: 3}}]``.
 """
@@ -28,6 +31,7 @@ from torch.nn.utils import prune
 from kdbench import hookimpl
 from kdbench.calibration import input_stats, linear_layers
 from kdbench.contracts import CompressionContext, Pruner
+from kdbench_plugins.prune.magnitude import PRUNABLE, sparsity_report
 
 
 def wanda_scores(model: nn.Module, layers: dict[str, nn.Linear],
@@ -75,9 +79,11 @@ class Wanda(Pruner):
         for name, layer in layers.items():
             mask = row_masks(scores[name], self.params.sparsity)
             prune.custom_from_mask(layer, "weight", mask.to(layer.weight.device))
-        zeros = sum(int((m.weight == 0).sum()) for m in layers.values())
-        total = sum(m.weight.numel() for m in layers.values())
-        self._report = {"weight_sparsity": zeros / total, "layers": sorted(layers),
+        # Conv layers stay dense: their inputs are not collected, so they have no Wanda score.
+        dense = {name: "listed in skip" if isinstance(m, nn.Linear) else
+                 f"{type(m).__name__}: wanda scores Linear layers only"
+                 for name, m in model.named_modules() if isinstance(m, PRUNABLE) and name not in layers}
+        self._report = {**sparsity_report(model, layers, dense), "layers": sorted(layers),
                         "skipped": sorted(self.params.skip), "calibration_rows": len(context.calibration)}
         return model
 

@@ -157,6 +157,8 @@ class CIFAR(Task):
     layout: ClassVar[Layout]
     version = "1"
     metric = "accuracy"
+    inputs = "images"  # (3, 32, 32), normalized
+    targets = "labels"
     default_training = {"epochs": 240, "batch_size": 64, "optimizer": "sgd", "lr": 0.05,
                         "momentum": 0.9, "weight_decay": 5e-4, "schedule": "multistep",
                         "milestones": (150, 180, 210), "gamma": 0.1}

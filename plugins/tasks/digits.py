@@ -26,6 +26,8 @@ class Digits(Task):
     description = "scikit-learn's 8x8 handwritten digits, 10 classes; the fast smoke task"
     version = "1"
     metric = "accuracy"
+    inputs = "features"  # 64 pixel intensities, a flat vector
+    targets = "labels"
     default_training = {"epochs": 20, "batch_size": 64, "optimizer": "adam", "lr": 1e-3}
 
     @dataclasses.dataclass(frozen=True)

