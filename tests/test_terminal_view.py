@@ -110,8 +110,11 @@ def _loaded(load_of_kd_seed_1: float | None, cores: int = 2) -> list:
     return recs
 
 
-def test_a_row_timed_on_a_busy_machine_is_flagged_in_every_view():
-    s = summarize(frame(_loaded(3.1)))
+def test_a_row_timed_on_a_busy_machine_is_flagged_in_every_view(plugins, tmp_path):
+    from kdbench.report.folder import build_report
+
+    records = _loaded(3.1)
+    s = summarize(frame(records))
     assert s.fingerprint.nunique() == 1  # the load is no part of the protocol: one table
     text = terminal_view(s)
     rows = {line.split()[0]: line for line in text.splitlines() if line.startswith(("teacher ", "scratch ", "kd "))}
@@ -124,6 +127,9 @@ def test_a_row_timed_on_a_busy_machine_is_flagged_in_every_view():
     wide = render.to_markdown(leaderboard_blocks(s))
     assert "| kd ⚠ |" in wide and "| scratch |" in wide
     assert BUSY_NOTE in wide and "load during timing: max 3.1 on 2 cores." in wide
+    build_report(records, s, tmp_path / "report", plugins=plugins, title="t", command="kdbench report")
+    readme = (tmp_path / "report" / "README.md").read_text()
+    assert "| kd ⚠ |" in readme and BUSY_NOTE in readme
 
     calm = summarize(frame(_loaded(1.9)))  # below the core count: no warning
     assert "⚠" not in terminal_view(calm) and "⚠" not in render.to_markdown(leaderboard_blocks(calm))
