@@ -85,9 +85,11 @@ def cmd_run(args) -> int:
     from .report import render
     from .report.summary import frame, latest_configs, summarize
     from .report.tables import leaderboard_blocks
+    from .report.terminal import terminal_view
 
     records, _ = latest_configs(records)
-    print(render.to_markdown(leaderboard_blocks(summarize(frame(records, plugins)))))
+    board = summarize(frame(records, plugins))
+    print(render.to_markdown(leaderboard_blocks(board)) if args.wide else terminal_view(board), end="")
     print(f"{summary.total} cells: {summary.done} run now, {summary.skipped} not for this run, "
           f"{summary.taken} taken by another run, {len(summary.failed)} failed now"
           + (f", {summary.failed_earlier} failed in an earlier run (kept, not rerun)"
@@ -336,14 +338,21 @@ def cmd_leaderboard(args) -> int:
     from .report.document import Code, Heading
     from .report.folder import environment_text, to_json
     from .report.tables import leaderboard_blocks
+    from .report.terminal import terminal_view
 
+    if args.wide and args.format not in (None, "md"):
+        raise KdbenchError(f"--wide is the full Markdown table; it does not combine with --format "
+                           f"{args.format}: drop one of them")
     if args.output:
         check_file_writable(Path(args.output), "--output")
     records, summary, notes = load_summary(args, get_plugins())
     for note in notes:
         print(f"note: {note}", file=sys.stderr)
     blocks = leaderboard_blocks(summary, args.by or ["task"])
-    if args.format == "csv":
+    # No format: the compact view for a terminal; a file (--output) gets Markdown, as it always did.
+    if args.format is None and not args.wide and not args.output:
+        text = terminal_view(summary, args.by or ["task"])
+    elif args.format == "csv":
         text = summary.to_csv(index=False)
     elif args.format == "json":
         text = to_json(summary, records)
@@ -519,6 +528,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--dry-run", action="store_true", help="list the cells, their status, the "
                      "cached teachers and the time left; run nothing")
     run.add_argument("--quiet", action="store_true", help="no progress lines")
+    run.add_argument("--wide", action="store_true", help="end with the full Markdown leaderboard "
+                     "(every column) instead of the compact one")
     run.set_defaults(func=cmd_run)
 
     experiments = sub.add_parser("experiments", help="list the embedded experiment files")
@@ -556,7 +567,9 @@ def build_parser() -> argparse.ArgumentParser:
     board = sub.add_parser("leaderboard", help="per (task, pair, recipe): mean, std and 95%% CI over "
                            "seeds, paired comparison with a reference, ranks")
     add_selection(board)
-    board.add_argument("--format", choices=["md", "csv", "latex", "html", "json"], default="md")
+    board.add_argument("--format", choices=["md", "csv", "latex", "html", "json"],
+                       help="default: aligned columns for a terminal (Markdown when writing --output)")
+    board.add_argument("--wide", action="store_true", help="every column: the full Markdown table")
     board.add_argument("--output", help="write to this file instead of standard output")
     board.set_defaults(func=cmd_leaderboard)
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import io
 import math
+import os
 import statistics
 import time
 import types
@@ -168,7 +169,13 @@ def latency(model: nn.Module, inputs: dict[int, torch.Tensor], warmup: int, repe
     clock's resolution. The reference is timed right beside the model in every repeat (in
     alternating order), and ``speedup_b{B}`` is the median of the paired ratios: on a machine
     whose load drifts, a ratio of back-to-back timings holds where absolute times do not.
+
+    ``latency_load`` is the machine's 1-minute load average (the higher of the readings
+    before and after the timing) and ``cpu_count`` its cores: a load above the core count
+    means other work queued for the CPU while the model was timed. Not where an OS has no
+    load average.
     """
+    load_before = load_average()
     models = {"model": model.eval()}
     if reference is not None:
         models["reference"] = reference.eval()
@@ -191,7 +198,11 @@ def latency(model: nn.Module, inputs: dict[int, torch.Tensor], warmup: int, repe
                     for _ in range(inner[key, b]):
                         m(x)
                     samples[key, b].append((time.perf_counter() - start) / inner[key, b] * 1e3)
+    load_after = load_average()
     out = {}
+    if load_before is not None and load_after is not None:
+        out["latency_load"] = max(load_before, load_after)
+        out["cpu_count"] = os.cpu_count() or len(os.sched_getaffinity(0))
     for b in inputs:
         values = samples["model", b]
         q = statistics.quantiles(values, n=4) if len(values) > 1 else [values[0]] * 3
@@ -201,6 +212,15 @@ def latency(model: nn.Module, inputs: dict[int, torch.Tensor], warmup: int, repe
             out[f"speedup_b{b}"] = statistics.median(
                 r / v for r, v in zip(samples["reference", b], values, strict=True))
     return out
+
+
+def load_average() -> float | None:
+    """The 1-minute load average (runnable and running processes, machine-wide), or None
+    where the OS has none (Windows)."""
+    try:
+        return os.getloadavg()[0]
+    except (AttributeError, OSError):
+        return None
 
 
 def batch_of(x: torch.Tensor, size: int) -> torch.Tensor:

@@ -151,7 +151,8 @@ class CellRunner:
     def teacher(self, job: TeacherJob) -> CachedTeacher:
         task = self.plugins.get("task", job.task.name).build(job.task.params)
         family = self.plugins.get("model", job.teacher.name).build(job.teacher.params)
-        return obtain_teacher(job, task, family, self.data(job.task), self.cache_dir, self.device)
+        return obtain_teacher(job, task, family, self.data(job.task), self.cache_dir, self.device,
+                              epoch_bar=self.epoch_bar)
 
     def _guarded(self, labels: dict, config: Callable[[], dict], cell_id: str, experiment: str,
                  role: str, body: Callable[[], tuple[dict, list]]) -> Record:

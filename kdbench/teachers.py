@@ -16,6 +16,7 @@ it was renamed into place whole: if it loads, its hash is written and it is used
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import hashlib
 import os
@@ -197,12 +198,17 @@ def load_or_create(path: Path, load: Callable[[BinaryIO], T], create: Callable[[
 
 
 # ---------------------------------------------------------------- teachers
+#: ``epoch_bar(epochs, label)`` -> a context manager that yields an ``on_epoch`` callback or None.
+EpochBar = Callable[[int, str], contextlib.AbstractContextManager]
+
+
 def obtain_teacher(job: TeacherJob, task: Task, family: ModelFamily, data: TaskData,
-                   cache_dir: Path, device: str = "cpu") -> CachedTeacher:
+                   cache_dir: Path, device: str = "cpu", epoch_bar: EpochBar | None = None) -> CachedTeacher:
     """Load the teacher from the cache, or train it and cache it (atomically, with its hash).
 
     Concurrent processes that need the same teacher train it once: the others wait for the
-    lock and load its file.
+    lock and load its file. ``epoch_bar(epochs, label)``: a context giving the ``on_epoch``
+    callback of the training (a progress bar), opened only when the teacher is trained.
     """
     if family.pretrained:
         # A released checkpoint: the family loads (and caches) its weights; nothing to train.
@@ -222,7 +228,10 @@ def obtain_teacher(job: TeacherJob, task: Task, family: ModelFamily, data: TaskD
         torch.manual_seed(job.seed)
         model = family.build(data)  # built after seeding, so the init depends on the seed alone
         start = time.perf_counter()
-        history = fit(model, data, task, job.training, job.seed, device=device)
+        label = f"teacher {job.teacher.label()} seed {job.seed}"
+        bar = epoch_bar(job.training.epochs, label) if epoch_bar else contextlib.nullcontext()
+        with bar as on_epoch:
+            history = fit(model, data, task, job.training, job.seed, device=device, on_epoch=on_epoch)
         return CachedTeacher(model.eval(), history, time.perf_counter() - start, False)
 
     def write(teacher: CachedTeacher, tmp: str) -> None:

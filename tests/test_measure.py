@@ -45,7 +45,8 @@ def test_latency_reports_median_and_iqr_per_batch_size(setup):
     _, data, model = setup
     x = data.test.tensors[0]
     out = latency(model, {1: batch_of(x, 1), 64: batch_of(x, 64)}, warmup=1, repeats=5)
-    assert set(out) == {"latency_b1_ms", "latency_b1_iqr_ms", "latency_b64_ms", "latency_b64_iqr_ms"}
+    assert set(out) == {"latency_b1_ms", "latency_b1_iqr_ms", "latency_b64_ms", "latency_b64_iqr_ms",
+                        "latency_load", "cpu_count"}
     assert all(v >= 0 for v in out.values())
     assert out["latency_b1_ms"] > 0
 
@@ -126,5 +127,27 @@ def test_speedup_is_the_paired_ratio_against_a_reference_model():
     out = latency(small, {256: x}, warmup=1, repeats=5, reference=big)
     # About 380x fewer multiply-adds: the small model is clearly the faster of the pair.
     assert out["speedup_b256"] > 2
-    assert set(out) == {"latency_b256_ms", "latency_b256_iqr_ms", "speedup_b256"}
+    assert set(out) == {"latency_b256_ms", "latency_b256_iqr_ms", "speedup_b256", "latency_load", "cpu_count"}
     assert "speedup_b256" not in latency(small, {256: x}, warmup=1, repeats=3)
+
+
+def test_measure_records_the_machine_load_around_the_timing(setup, monkeypatch):
+    """The higher of the load averages read before and after the timing, and the core count,
+    go with the row's figures; an OS without a load average records neither."""
+    import os
+
+    plugins, data, model = setup
+    task = plugins.build("task", "digits")
+    settings = Measure(latency_repeats=2, latency_batch_sizes=(1,))
+    readings = iter([(1.5, 0.0, 0.0), (3.25, 0.0, 0.0)])  # before, after
+    monkeypatch.setattr(os, "getloadavg", lambda: next(readings))
+    figures = measure(model, data, task, None, settings)
+    assert figures["latency_load"] == 3.25
+    assert figures["cpu_count"] == os.cpu_count()
+    readings = iter([(4.0, 0.0, 0.0), (0.5, 0.0, 0.0)])  # the load fell during the timing
+    assert measure(model, data, task, None, settings)["latency_load"] == 4.0
+
+    monkeypatch.delattr(os, "getloadavg")
+    figures = measure(model, data, task, None, settings)
+    assert "latency_load" not in figures and "cpu_count" not in figures
+    assert figures["latency_b1_ms"] > 0

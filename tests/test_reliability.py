@@ -267,6 +267,30 @@ def test_progress_bars_on_a_terminal_lines_elsewhere(plugins, tiny_yaml, tmp_pat
             assert "\r" not in out  # a log: no bars
 
 
+def test_a_teacher_in_training_shows_its_epoch_bar_on_a_terminal(plugins, tiny_yaml, tmp_path, isolated_cache):
+    """The grid's bar would sit at 0 while a teacher trains: a bar follows the teacher's epochs;
+    a teacher loaded from the cache trains nothing and shows none."""
+    import io
+    import re
+
+    class Terminal(io.StringIO):
+        def isatty(self):
+            return True
+
+    path = tiny_yaml(TINY.replace("  kd: [{distill: {name: hinton, temperature: 4, alpha: 0.9}}]\n", "")
+                     .replace("  kd+int8: [{distill: hinton}, {quantize: dynamic-int8}]\n", ""))
+    outputs = []
+    for db in ("trains.db", "cached.db"):
+        stream = Terminal()
+        with Store(tmp_path / db) as store:
+            run_experiment(load_experiment(path, plugins), store, plugins, isolated_cache, progress=stream)
+        outputs.append(stream.getvalue())
+    bar = re.compile(r"teacher mlp\(hidden=\[64\]\) seed 0: +\d+%\|[^|]*\| [0-3]/3 \[[^\]]*epoch")
+    assert bar.search(outputs[0]), outputs[0]
+    assert "teacher mlp(hidden=[64]) seed 0:" not in outputs[1]
+    assert "scratch seed 0" in outputs[1]  # the student's bar still shows
+
+
 def test_every_executor_gives_the_same_results(tiny_yaml, tmp_path, capsys):
     """The same file on local, processes and dask: the same cells with the same figures (one
     torch thread everywhere, so that reductions run in the same order)."""

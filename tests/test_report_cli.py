@@ -68,8 +68,9 @@ def test_markdown_latex_and_html_show_the_same_number(run, capsys):
     _, db, _ = run
     table = pd.read_csv(io.StringIO(board(capsys, db, "--format", "csv"))).set_index("recipe")
     number = f"{100 * table.loc['scratch', 'test_accuracy_mean']:.2f} ± {100 * table.loc['scratch', 'test_accuracy_std']:.2f}"
-    md = board(capsys, db)
+    md = board(capsys, db, "--format", "md")
     assert number in md and "kd\\<i\\>&co_50%" in md
+    assert number in board(capsys, db) and ODD in board(capsys, db)  # the terminal's view: plain text
     latex = board(capsys, db, "--format", "latex")
     assert "\\toprule" in latex and "\\bottomrule" in latex
     assert "kd\\textless{}i\\textgreater{}\\&co\\_50\\%" in latex

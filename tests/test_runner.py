@@ -129,7 +129,7 @@ def test_cli_exit_codes_and_leaderboard_formats(tiny_yaml, tmp_path, capsys):
     assert main(["run", str(tiny_yaml()), "--store", db, "--quiet"]) == 0
     out = capsys.readouterr().out
     assert "task digits: mlp(hidden=[64]) → mlp(hidden=[16])" in out
-    assert re.search(r"\| teacher( ◆)? \| 1 \|", out) and re.search(r"\| kd\+int8( ◆)? \| 1 \|", out)
+    assert re.search(r"^teacher +1 ", out, re.M) and re.search(r"^kd\+int8 +1 ", out, re.M)
     assert main(["leaderboard", "--store", db, "--format", "csv"]) == 0
     import io
 
@@ -151,13 +151,13 @@ def test_a_changed_experiment_reports_only_its_latest_configuration(tiny_yaml, t
     two_seeds = TINY.replace("seeds: [0]", "seeds: [0, 1]").replace(
         "  kd+int8: [{distill: hinton}, {quantize: dynamic-int8}]\n", "")
     assert main(["run", str(tiny_yaml(two_seeds)), "--store", db, "--quiet"]) == 0
-    assert re.search(r"\| scratch( ◆)? \| 2 \|", capsys.readouterr().out)  # seeds of one configuration: one row
+    assert re.search(r"^scratch +2 ", capsys.readouterr().out, re.M)  # seeds of one configuration: one row
     # The same recipe names with a longer student budget: the earlier results stay in the
     # store, but a row never averages two configurations.
     longer = two_seeds.replace("student: {name: mlp, hidden: [16]}",
                                "student: {name: mlp, hidden: [16]}\n    student_training: {epochs: 4}")
     assert main(["run", str(tiny_yaml(longer)), "--store", db, "--quiet"]) == 0
-    assert re.search(r"\| scratch( ◆)? \| 2 \|", capsys.readouterr().out)
+    assert re.search(r"^scratch +2 ", capsys.readouterr().out, re.M)
     with Store(db) as store:
         assert len([r for r in store.records("tiny") if r.recipe == "scratch"]) == 4
     assert main(["leaderboard", "--store", db, "--format", "csv"]) == 0

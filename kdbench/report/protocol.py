@@ -4,10 +4,15 @@ A leaderboard that ranks a 20-epoch student beside a 60-epoch one, or a latency 
 one CPU beside one taken on another, publishes an ordering no experiment produced. Each row
 gets a short hash of its protocol; rows are ranked, compared and plotted together only when
 the hashes match.
+
+The machine's load while a row was timed is recorded with its figures but is no part of the
+protocol: it is a condition of one measurement, not a choice of the experiment, so rows timed
+at different loads stay in one table, and the load is shown beside the protocol instead.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 from ..config import digest
@@ -81,3 +86,14 @@ def describe(proto: dict[str, Any]) -> str:
             f"budget {budget_text}; calibration {proto.get('calibration_size')}; "
             f"evaluation batch {proto.get('eval_batch_size')}; latency on {lat.get('cpu')}, "
             f"{lat.get('threads')} threads, batches {lat.get('batch_sizes')}")
+
+
+def describe_load(max_load: float | None, cores: Sequence[float]) -> str:
+    """``load during timing: max 3.1 on 2 cores``, from the highest load average any row was
+    timed at and the core counts of the rows; empty when no row recorded a load (rows stored
+    before kdbench recorded it)."""
+    counts = sorted({int(c) for c in cores if c == c})  # NaN: rows without the figure
+    if max_load is None or max_load != max_load or not counts:
+        return ""
+    on = str(counts[0]) if len(counts) == 1 else f"{counts[0]}-{counts[-1]}"
+    return f"load during timing: max {max_load:.1f} on {on} cores"

@@ -137,6 +137,11 @@ def summarize(df: pd.DataFrame, reference: str | None = None, metric: str | None
     for fig in figures:
         out[f"{fig}_ci95"] = grouped[fig].agg(lambda s: stats.t_halfwidth(s.tolist()))
     out.insert(0, "n", grouped.size())
+    if "latency_load" in df and "cpu_count" in df:
+        # Not averaged: one seed timed on a busy machine is enough to doubt the row's speed.
+        per_core = (df["latency_load"] / df["cpu_count"]).groupby([df[k] for k in keys], sort=False, dropna=False)
+        out["latency_load_max"] = grouped["latency_load"].max()
+        out["latency_load_per_core_max"] = per_core.max()
     first = grouped[["role", "metric", "higher_is_better", "protocol"]].first()
     out["is_teacher"] = first["role"] == "teacher"
     out["metric"] = first["metric"]

@@ -3,17 +3,18 @@ printed with their spread, the paired comparison spelled out, notes for every ma
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import re
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import pandas as pd
 
 from . import stats
 from .document import Block, Paragraph, Table
-from .protocol import describe, differences
+from .protocol import describe, describe_load, differences
 
 #: Figures shown after the task metric and comparison, in order: (column, label, style).
 #: ``pct``: fractions as percentages; ``int``: counts; ``kib``: bytes in KiB; ``x``: ratios.
@@ -149,6 +150,7 @@ def leaderboard_table(rows: pd.DataFrame, caption: str = "") -> Table:
         recipe = row["recipe"] + ("" if row.get("materialized", True) else " †")
         recipe += " ‡" if (row.get("sparse_tensors_mean") or 0) > 0 else ""
         recipe += " ◆" if row.get("pareto_size_bytes") or row.get("pareto_latency_b1_ms") else ""
+        recipe += f" {BUSY}" if busy(row) else ""
         value, interval = _metric_cells(row, figure)
         line = ([row["teacher"]] if multi_teacher else []) + ([row["student"]] if multi_student else []) + [
             recipe, str(row["n"]), value, interval,
@@ -223,37 +225,82 @@ def table_notes(rows: pd.DataFrame, figure: str) -> list[str]:
     if any(rows.get("pareto_size_bytes", [])) or any(rows.get("pareto_latency_b1_ms", [])):
         notes.append("◆ on the Pareto front of quality against file size or batch-1 latency "
                      "(no other row of this protocol is at least as good and as cheap).")
+    if any(busy(row) for row in rows.to_dict("records")):
+        notes.append(BUSY_NOTE)
     return notes
 
 
-def leaderboard_blocks(summary: pd.DataFrame, by: Sequence[str] = ("task",)) -> list[Block]:
-    """Tables per value of ``by`` and per protocol fingerprint, each under a caption that
-    names the group and the protocol; a paragraph explains where protocols differ."""
-    blocks: list[Block] = []
-    if summary.empty:
-        return [Paragraph("No finished cells in the store yet.")]
+#: Rows timed while the machine's load average exceeded its core count.
+BUSY = "⚠"
+BUSY_NOTE = (f"{BUSY} speed figures (latency, × teacher, × ref) of marked rows were measured on a busy "
+             "machine (load average above the core count) and are unreliable.")
+
+
+def busy(row: dict[str, Any]) -> bool:
+    """Whether any seed of the row was timed with more runnable work than cores (rows stored
+    before the load was recorded: never)."""
+    per_core = row.get("latency_load_per_core_max")
+    return per_core is not None and not math.isnan(per_core) and per_core > 1
+
+
+@dataclasses.dataclass
+class ProtocolGroup:
+    """The rows of one table: one value of the ``by`` columns under one protocol."""
+
+    caption: str
+    fingerprint: str
+    protocol: dict[str, Any]
+    rows: pd.DataFrame
+    #: Before the group's first table, when its rows were measured under several protocols.
+    intro: str | None = None
+
+
+def protocol_groups(summary: pd.DataFrame, by: Sequence[str] = ("task",)) -> Iterator[ProtocolGroup]:
+    """The tables of a leaderboard, in order, whatever it is rendered as."""
     by = list(by)
     for key, group in summary.groupby(by, sort=False):
         key = key if isinstance(key, tuple) else (key,)
         name = ", ".join(f"{b} {k}" for b, k in zip(by, key, strict=True))
         prints = list(dict.fromkeys(group["fingerprint"]))
+        intro = None
         if len(prints) > 1:
             protos = [json.loads(group[group.fingerprint == fp].iloc[0]["protocol"]) for fp in prints]
             lines = [f"{fp} vs {prints[0]}: " + "; ".join(differences(protos[0], proto))
                      for fp, proto in zip(prints[1:], protos[1:], strict=True)]
-            blocks.append(Paragraph(f"{name}: rows measured under {len(prints)} protocols are shown in "
-                                    "separate tables and never ranked together. They differ in "
-                                    + " | ".join(lines) + "."))
+            intro = (f"{name}: rows measured under {len(prints)} protocols are shown in "
+                     "separate tables and never ranked together. They differ in " + " | ".join(lines) + ".")
         for fp in prints:
             rows = group[group.fingerprint == fp]
-            proto = json.loads(rows.iloc[0]["protocol"])
             students = rows[~rows.is_teacher]
             pair = ""
             if rows["teacher"].nunique() == 1 and students["student"].nunique() <= 1:
                 pair = f": {rows.iloc[0]['teacher']} → {students.iloc[0]['student'] if len(students) else '-'}"
-            table = leaderboard_table(rows, f"{name}{pair} (protocol {fp})")
-            table.notes.insert(0, f"Protocol {fp}: {describe(proto)}.")
-            blocks.append(table)
+            yield ProtocolGroup(f"{name}{pair} (protocol {fp})", fp, json.loads(rows.iloc[0]["protocol"]),
+                                rows, intro)
+            intro = None
+
+
+def protocol_line(group: ProtocolGroup) -> str:
+    """The protocol under a table, with the machine's load while its rows were timed."""
+    rows = group.rows
+    load = ""
+    if "latency_load_max" in rows and "cpu_count_mean" in rows and rows["latency_load_max"].notna().any():
+        load = "; " + describe_load(float(rows["latency_load_max"].max()), rows["cpu_count_mean"].tolist())
+    return f"Protocol {group.fingerprint}: {describe(group.protocol)}{load}."
+
+
+def leaderboard_blocks(summary: pd.DataFrame, by: Sequence[str] = ("task",)) -> list[Block]:
+    """Tables per value of ``by`` and per protocol fingerprint, each under a caption that
+    names the group and the protocol; a paragraph explains where protocols differ."""
+    if summary.empty:
+        return [Paragraph("No finished cells in the store yet.")]
+    blocks: list[Block] = []
+    for group in protocol_groups(summary, by):
+        if group.intro:
+            blocks.append(Paragraph(group.intro))
+        table = leaderboard_table(group.rows, group.caption)
+        table.notes.insert(0, protocol_line(group))
+        blocks.append(table)
     return blocks
 
 

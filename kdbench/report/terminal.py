@@ -1,0 +1,200 @@
+"""The leaderboard as a terminal shows it: a few aligned plain-text columns per table.
+
+The full table (``--wide``, the Markdown of :mod:`kdbench.report.tables`) has over twenty
+columns and wraps into noise in an 80-120 column terminal. This view keeps what a reader
+decides by: the task metric with its spread and interval, the paired difference to the
+reference with its verdict, the size ratio, the paired speed ratio and the marks, with a
+legend for every mark a table uses. Same tables, captions and protocol lines as the wide
+view; every number is in the wide view too.
+"""
+
+from __future__ import annotations
+
+import math
+import textwrap
+from collections.abc import Sequence
+from typing import Any
+
+import pandas as pd
+
+from .tables import (BUSY, BUSY_NOTE, ProtocolGroup, _differs_from_teacher, busy, is_fraction, mark,
+                     protocol_groups, protocol_line, stats_direction)
+
+#: The width every line but a table's rows is wrapped to; the quickstart's rows fit in it too.
+WIDTH = 100
+GAP = "  "
+#: The marks of the note column, in order, with their legend.
+MARKS = [
+    ("†", "simulated compression (masks, fake quantization): not faster"),
+    ("‡", "sparse weights stored in CSR form"),
+    ("◆", "on the Pareto front of quality against file size or batch-1 latency"),
+]
+
+
+def terminal_view(summary: pd.DataFrame, by: Sequence[str] = ("task",), width: int = WIDTH) -> str:
+    """Every table of the leaderboard, with its caption, protocol line and legend."""
+    if summary.empty:
+        return "No finished cells in the store yet.\n"
+    parts = []
+    for group in protocol_groups(summary, by):
+        if group.intro:
+            parts.append(_wrap(group.intro, width))
+        parts.append(table_text(group, width))
+    parts.append(_wrap("Every column (p-values, ranks, sizes, latencies, train time): add --wide.", width))
+    return "\n\n".join(parts) + "\n"
+
+
+def table_text(group: ProtocolGroup, width: int = WIDTH) -> str:
+    rows = group.rows
+    first = rows.iloc[0]
+    figure = first["compared"] if "compared" in rows else f"test_{first['metric']}"
+    metric = figure.removeprefix("test_")
+    arrow = "↑" if stats_direction(rows, figure) else "↓"
+    records = rows.to_dict("records")
+
+    # Rows of several teachers or students: one heading line per (teacher, student), the
+    # recipes indented under it, so that no column carries a 20-character model label.
+    multi_teacher = rows["teacher"].nunique() > 1
+    multi_student = rows.loc[~rows.is_teacher, "student"].nunique() > 1
+    headed = multi_teacher or multi_student
+    references = list(dict.fromkeys(r["reference"] for r in records
+                                    if not r["is_teacher"] and isinstance(r.get("reference"), str)))
+    per_group_reference = len(references) > 1
+    keys: dict[tuple, list[dict]] = {}
+    for r in records:
+        keys.setdefault((r["teacher"], None if r["is_teacher"] else r["student"]), []).append(r)
+
+    size_key, size_label = (("bytes_ratio_reference", "ref/file") if _differs_from_teacher(rows)
+                            else ("bytes_ratio_teacher", "teacher/file"))
+    speed = "speedup_b1_mean" in rows and rows["speedup_b1_mean"].notna().any()
+    values = _metric_texts(records, figure)
+    deltas = _delta_texts(records, figure)
+
+    header = ["recipe", "n", f"{metric}{' %' if is_fraction(metric) else ''} {arrow}",
+              "Δ vs " + (references[0] if len(references) == 1 else "ref"), size_label]
+    header += ["× teacher b1"] if speed else []
+    header += ["note"]
+    right = [False, True, False, False, True] + ([True] if speed else []) + [False]
+    lines: list[tuple[str | None, list[str]]] = []  # (heading, []) or (None, a row's cells)
+    for (teacher, student), members in keys.items():
+        # The teacher's row of a table with one teacher stays on top, under no heading.
+        under_heading = headed and (student is not None or multi_teacher)
+        if under_heading:
+            label = teacher if student is None else (f"{teacher} → {student}" if multi_teacher else student)
+            reference = next((m["reference"] for m in members if isinstance(m.get("reference"), str)), None)
+            if per_group_reference and reference:
+                label += f" (Δ vs {reference})"
+            lines.append((label, []))
+        for r in members:
+            cells = [("  " if under_heading else "") + r["recipe"], str(r["n"]), values[id(r)], deltas[id(r)],
+                     _ratio(r.get(size_key))]
+            cells += ["-" if r["is_teacher"] else _ratio(r.get("speedup_b1_mean"))] if speed else []
+            cells += [" ".join(_marks(r))]
+            lines.append((None, cells))
+
+    table_rows = [cells for heading, cells in lines if heading is None]
+    widths = [max(len(c) for c in column) for column in zip(header, *table_rows, strict=True)]
+
+    def join(cells: list[str]) -> str:
+        return GAP.join(c.rjust(w) if r else c.ljust(w)
+                        for c, w, r in zip(cells, widths, right, strict=True)).rstrip()
+
+    out = [_wrap(group.caption, width), _wrap(protocol_line(group), width, "  "), "", join(header),
+           "─" * (sum(widths) + len(GAP) * (len(widths) - 1))]
+    out += [heading if heading is not None else join(cells) for heading, cells in lines]
+    out += [_wrap(text, width, "  ") for text in legend(records, size_label, speed)]
+    return "\n".join(out)
+
+
+def legend(records: list[dict[str, Any]], size_label: str = "teacher/file", speed: bool = True) -> list[str]:
+    """What the columns hold, then one line per note mark the table uses."""
+    whose = "the reference's" if size_label.startswith("ref") else "the teacher's"
+    lines = ["Mean ± std over n seeds [95% t interval, from 3 seeds]. Δ: paired by seed; ✓ significant "
+             f"(Holm, 0.05); {_keep('(n=k)')} too few seeds to test.",
+             f"{_keep(size_label)}: {whose} file size over the row's"
+             + (f"; {_keep('× teacher b1')}: the teacher's batch-1 time over the row's, timed back to back."
+                if speed else ".")]
+    used = {m for r in records for m in _marks(r)}
+    lines += [f"{m} {text}" for m, text in MARKS if m in used]
+    if BUSY in used:
+        lines.append(BUSY_NOTE)
+    return lines
+
+
+def _marks(row: dict[str, Any]) -> list[str]:
+    marks = [] if row.get("materialized", True) else ["†"]
+    marks += ["‡"] if (row.get("sparse_tensors_mean") or 0) > 0 else []
+    marks += ["◆"] if row.get("pareto_size_bytes") or row.get("pareto_latency_b1_ms") else []
+    return marks + ([BUSY] if busy(row) else [])
+
+
+def _metric_texts(records: list[dict[str, Any]], figure: str) -> dict[int, str]:
+    """``91.39 ± 0.56 [90.01, 92.77]``, the parts aligned down the column; the interval only
+    from 3 seeds on (with 2 it is ±12.7 standard errors wide and says little), the spread
+    from 2."""
+    scale, digits = (100, 2) if is_fraction(figure) else (1, 3)
+    parts = {}
+    for r in records:
+        mean, std, ci = (_clean(r.get(f"{figure}_{s}")) for s in ("mean", "std", "ci95"))
+        if mean is None:
+            parts[id(r)] = ("-", "", "")
+            continue
+        spread = f"± {std * scale:.{digits}f}" if std is not None and r["n"] >= 2 else ""
+        interval = (f"[{(mean - ci) * scale:.{digits}f}, {(mean + ci) * scale:.{digits}f}]"
+                    if ci is not None and r["n"] >= 3 else "")
+        parts[id(r)] = (f"{mean * scale:.{digits}f}", spread, interval)
+    return _aligned(parts, [True, True, False])
+
+
+def _delta_texts(records: list[dict[str, Any]], figure: str) -> dict[int, str]:
+    """``−4.91 ✓``: the paired mean difference to the reference and its verdict mark."""
+    scale, digits = (100, 2) if is_fraction(figure) else (1, 3)
+    parts = {}
+    for r in records:
+        delta = _clean(r.get("delta_mean"))
+        if r["is_teacher"] or r.get("reference") is None:
+            parts[id(r)] = ("-", "")
+        elif delta is None:
+            parts[id(r)] = ("(reference)" if r.get("reference") == r["recipe"] else "-", "")
+        else:
+            parts[id(r)] = (f"{delta * scale:+.{digits}f}".replace("-", "−"), mark(r).strip())
+    return _aligned(parts, [True, False])
+
+
+def _aligned(parts: dict[int, tuple[str, ...]], right: list[bool]) -> dict[int, str]:
+    """Join each row's parts so that every part starts in the same place down the column."""
+    widths = [max((len(p[i]) for p in parts.values()), default=0) for i in range(len(right))]
+    out = {}
+    for key, p in parts.items():
+        if p[0] in ("-", "(reference)") and not any(p[1:]):
+            out[key] = p[0].rjust(widths[0]) if p[0] == "-" else p[0]
+            continue
+        out[key] = " ".join(x.rjust(w) if r else x.ljust(w)
+                            for x, w, r in zip(p, widths, right, strict=True) if w).rstrip()
+    return out
+
+
+def _ratio(value: Any) -> str:
+    value = _clean(value)
+    return "-" if value is None else f"{value:.2f}×"
+
+
+def _clean(value: Any) -> float | None:
+    try:
+        value = float(value)
+    except (TypeError, ValueError):
+        return None
+    return None if math.isnan(value) else value
+
+
+def _keep(text: str) -> str:
+    """``text`` that a wrapped line must not break (a column's name)."""
+    return text.replace(" ", NBSP)
+
+
+NBSP = "\u00a0"  # textwrap breaks at ASCII whitespace only
+
+
+def _wrap(text: str, width: int, indent: str = "") -> str:
+    lines = textwrap.wrap(text, width, subsequent_indent=indent, break_on_hyphens=False) or [text]
+    return "\n".join(lines).replace(NBSP, " ")
