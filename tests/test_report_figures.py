@@ -164,6 +164,16 @@ def test_pareto_names_touch_neither_each_other_nor_the_axis_texts(crowd):
     assert "teacher" in [t.get_text() for t in ax.texts]
 
 
+def test_pareto_draws_no_interval_from_two_seeds():
+    rows = summary([{"recipe": "two-seeds", "q": 0.80, "size": 100, "ci": 0.30, "n": 2},
+                    {"recipe": "three-seeds", "q": 0.85, "size": 200, "ci": 0.01, "n": 3}])
+    fig, _ = draw_pareto(rows, "size_bytes", "size", "t")
+    whiskers = fig.axes[0].containers
+    assert len(whiskers) == 1  # only the 3-seed row's interval
+    _, caps, (bars,) = whiskers[0]
+    assert bars.get_segments()[0][:, 1].tolist() == pytest.approx([84.0, 86.0])
+
+
 # --- the dot plot against the reference ----------------------------------------------------
 
 def comparison(higher: bool) -> pd.DataFrame:
