@@ -122,6 +122,9 @@ def test_report_folder_has_everything_and_opens_in_a_browser(run, capsys):
         assert f"figures/{png.name}" in readme
     html = (out / "index.html").read_text()
     assert "http://" not in html and "https://" not in html
+    # The experiment's name is set in code in its heading, never shown with its backticks.
+    assert "\n### Experiment `tiny-report`\n" in readme
+    assert '<h3 id="experiment-tiny-report">Experiment <code>tiny-report</code></h3>' in html
 
     # What a reader of index.html sees, in a real browser: the leaderboard's numbers, the odd
     # name as text, every figure embedded.
