@@ -19,7 +19,7 @@ import pandas as pd
 from ..config import digest, embedded_experiments, load_experiment
 from ..errors import KdbenchError
 from ..store import Record
-from . import figures, published, render
+from . import figures, output, published, render
 from .document import Block, Code, Figure, Heading, Paragraph, Table
 from .summary import aggregate_ranks
 from .tables import is_fraction, leaderboard_blocks, ranks_table
@@ -152,8 +152,22 @@ def run_commands(records: Sequence[Record]) -> list[str]:
 def build_report(records: Sequence[Record], summary: pd.DataFrame, out: Path, *, plugins, title: str,
                  command: str, notes: Sequence[str] = (), files: dict[str, str] | None = None,
                  by: Sequence[str] = ("task",)) -> list[Path]:
-    """Write the report folder; return the files written."""
-    out.mkdir(parents=True, exist_ok=True)
+    """Write the report folder ``out``; return the files written.
+
+    ``out`` must be missing, empty or an earlier report, which is replaced whole (see
+    :mod:`kdbench.report.output`); anything else raises KdbenchError before anything is written.
+    """
+    with output.replacing(Path(out)) as folder:
+        written = _write_report(records, summary, folder, plugins=plugins, title=title, command=command,
+                                notes=notes, files=files, by=by)
+        output.write_marker(folder, written)
+    return [Path(out) / name for name in [*written, output.MARKER]]
+
+
+def _write_report(records: Sequence[Record], summary: pd.DataFrame, out: Path, *, plugins, title: str,
+                  command: str, notes: Sequence[str], files: dict[str, str] | None,
+                  by: Sequence[str]) -> list[str]:
+    """Write the report into the empty folder ``out``; return its files, relative to ``out``."""
     experiments = list(dict.fromkeys(r.experiment for r in records))
     sources = experiment_sources(experiments, records, plugins, files or {})
     ok = [r for r in records if r.ok]
@@ -197,15 +211,14 @@ def build_report(records: Sequence[Record], summary: pd.DataFrame, out: Path, *,
     if notes:
         blocks += [Heading("Notes", 2), Paragraph(" ".join(notes))]
 
-    written = []
     (out / "README.md").write_text(render.to_markdown(blocks))
     (out / "index.html").write_text(render.to_html(blocks, out, title))
     summary.to_csv(out / "leaderboard.csv", index=False)
     (out / "leaderboard.json").write_text(to_json(summary, records))
-    for name in ("README.md", "index.html", "leaderboard.csv", "leaderboard.json"):
-        written.append(out / name)
-    written += sorted((out / "figures").glob("*")) if (out / "figures").exists() else []
-    return written
+    # The files of this report, named from its own blocks: never whatever lies in the folder.
+    figures_written = sorted(f"{b.stem.as_posix()}.{ext}" for b in blocks if isinstance(b, Figure)
+                             for ext in ("png", "svg"))
+    return [*output.MAIN_FILES, *figures_written]
 
 
 def findings(summary: pd.DataFrame) -> list[Block]:
