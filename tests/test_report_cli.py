@@ -273,3 +273,44 @@ def test_a_report_that_fails_halfway_leaves_the_earlier_one_as_it_was(tmp_path):
     with pytest.raises(KdbenchError, match="holds no kdbench report"):
         output.earlier_report(out)
     assert (tmp_path / "victim.txt").read_text() == "keep"
+
+
+# --- layers a compressor skipped -------------------------------------------------------------
+
+def test_the_report_lists_the_layers_a_compressor_skipped(tmp_path):
+    import dataclasses
+
+    from kdbench.plugins import get_plugins
+    from kdbench.report.folder import build_report
+    from kdbench.report.summary import frame, summarize
+    from test_report_summary import grid
+
+    records = grid({"teacher": [0.97, 0.98, 0.99], "scratch": [0.90, 0.91, 0.92], "nm24": [0.89, 0.90, 0.91],
+                    "dense-ft": [0.90, 0.91, 0.92]})
+    skipped = {"net.0": "in_features 13 is not a multiple of M=4", "head|<out>": "output layer kept dense"}
+    stages = [{"op": "train", "name": None, "seconds": 1.0},
+              {"op": "prune", "name": "nm", "seconds": 0.1, "materialized": False,
+               "report": {"sparsity": 0.5, "skipped_layers": skipped}}]
+    records = [dataclasses.replace(r, stages=stages) if r.recipe == "nm24" else r for r in records]
+    # A compressor that skipped nothing, as most do, adds no row.
+    records = [dataclasses.replace(r, stages=[{"op": "prune", "name": "magnitude", "report": {"sparsity": 0.5}}])
+               if r.recipe == "dense-ft" else r for r in records]
+    out = tmp_path / "r"
+    build_report(records, summarize(frame(records)), out, plugins=get_plugins(), title="t", command="kdbench report")
+    readme = (out / "README.md").read_text()
+    section = readme[readme.index("## Layers left uncompressed"):readme.index("## Figures")]
+    rows = [line for line in section.splitlines() if line.startswith("| digits")]
+    assert rows == [
+        r"| digits | mlp(hidden=[64]) → mlp(hidden=[16]) | nm24 | prune nm | net.0 | in_features 13 is not a multiple of M=4 | 0, 1, 2 |",
+        r"| digits | mlp(hidden=[64]) → mlp(hidden=[16]) | nm24 | prune nm | head\|\<out\> | output layer kept dense | 0, 1, 2 |",
+    ]
+    html = (out / "index.html").read_text()
+    assert '<h2 id="layers-left-uncompressed">Layers left uncompressed</h2>' in html
+    assert "<td>head|&lt;out&gt;</td><td>output layer kept dense</td>" in html
+
+    # Without a skipped layer there is no such section.
+    plain = [r for r in records if r.recipe != "nm24"]
+    build_report(plain, summarize(frame(plain)), tmp_path / "plain", plugins=get_plugins(), title="t",
+                 command="kdbench report")
+    assert "uncompressed" not in (tmp_path / "plain" / "README.md").read_text()
+    assert "uncompressed" not in (tmp_path / "plain" / "index.html").read_text()

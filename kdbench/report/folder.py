@@ -188,6 +188,7 @@ def _write_report(records: Sequence[Record], summary: pd.DataFrame, out: Path, *
     comparison = published.compare(summary)
     if len(comparison):
         blocks += [Heading("Published and reproduced", 2), published.to_table(comparison)]
+    blocks += skipped_layers(records)
     blocks.append(Heading("Figures", 2))
     blocks += figure_blocks(summary, records, out)
     if failed:
@@ -219,6 +220,39 @@ def _write_report(records: Sequence[Record], summary: pd.DataFrame, out: Path, *
     figures_written = sorted(f"{b.stem.as_posix()}.{ext}" for b in blocks if isinstance(b, Figure)
                              for ext in ("png", "svg"))
     return [*output.MAIN_FILES, *figures_written]
+
+
+def skipped_layers(records: Sequence[Record]) -> list[Block]:
+    """The layers a compressor left as they were, per recipe, with its reason: a compressor
+    whose ``report()`` has ``skipped_layers`` ({module path: reason}) did not apply to them, and
+    the row's size and speed include them uncompressed. Nothing when no compressor skipped any."""
+    found: dict[tuple, list[int]] = {}
+    for r in records:
+        if not (r.ok and r.role == "student"):
+            continue
+        for stage in r.stages:
+            report = stage.get("report")
+            skipped = report.get("skipped_layers") if isinstance(report, dict) else None
+            if isinstance(skipped, list):  # names without reasons
+                skipped = dict.fromkeys(skipped, "")
+            if not isinstance(skipped, dict):
+                continue
+            compressor = " ".join(str(p) for p in (stage.get("op"), stage.get("name")) if p)
+            for layer, reason in skipped.items():
+                key = (r.experiment, r.task, r.teacher, r.student, r.recipe, compressor, str(layer), str(reason or "-"))
+                found.setdefault(key, []).append(r.seed)
+    if not found:
+        return []
+    several = len({key[0] for key in found}) > 1
+    rows = [([experiment] if several else []) + [task, f"{teacher} → {student}", recipe, compressor, layer, reason,
+                                                  ", ".join(map(str, sorted(set(seeds))))]
+            for (experiment, task, teacher, student, recipe, compressor, layer, reason), seeds in found.items()]
+    columns = (["experiment"] if several else []) + ["task", "pair", "recipe", "compressor", "layer", "reason", "seeds"]
+    return [Heading("Layers left uncompressed", 2), Paragraph(
+        "These compressors skipped layers that cannot take what they impose (e.g. an N:M pattern "
+        "on a layer whose width is no multiple of M) and left them as they were; the rows' sizes, "
+        "sparsities and speeds include those layers uncompressed."),
+        Table(columns, rows, caption="Layers a compressor skipped, per recipe")]
 
 
 def findings(summary: pd.DataFrame) -> list[Block]:

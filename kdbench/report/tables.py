@@ -222,8 +222,8 @@ def table_notes(rows: pd.DataFrame, figure: str) -> list[str]:
         "95% t interval; p: two-sided paired t-test; ✓: significant at 0.05 after Holm's "
         f"correction over the rows compared with the same reference; (n=k): fewer than "
         f"{stats.MIN_PAIRS} seed pairs, too few to test. Intervals need at least "
-        f"{MIN_INTERVAL_SEEDS} seeds (seed pairs for Δ): with fewer, one is \"-\" (a 2-seed t "
-        "interval is ±12.7 standard errors wide). Rank 1 is best on "
+        f"{MIN_INTERVAL_SEEDS} seeds ({MIN_INTERVAL_SEEDS} seed pairs for Δ); with fewer they show "
+        "\"-\": a 2-seed t interval is ±12.7 standard errors wide. Rank 1 is best on "
         f"{figure}, among rows of the same pair and protocol; ties share the mean rank.",
         "Latency: median of interleaved repeats on the CPU; × teacher: median ratio of teacher to "
         "model time, the two timed back to back. FLOPs count a multiply-add as 2. % of teacher: "
