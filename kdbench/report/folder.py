@@ -99,7 +99,7 @@ def figure_blocks(summary: pd.DataFrame, records: Sequence[Record], out: Path) -
                 stem = Path("figures") / f"{tag}-methods"
                 reference = next((r for r in pair["reference"].dropna()), None)
                 figures.method_bars(pair_rows, out / stem, title, reference=reference)
-                blocks.append(Figure(stem, f"{title}: test {metric} per recipe, mean with 95% CI; "
+                blocks.append(Figure(stem, f"{title}: test {metric} per recipe, mean with 95% CI (from 3 seeds); "
                                            "colour: paired comparison with the reference"))
             histories = _group_histories(records, pair.iloc[0]["experiment"], task, teacher, student)
             if histories:
