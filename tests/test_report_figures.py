@@ -164,6 +164,17 @@ def test_pareto_names_touch_neither_each_other_nor_the_axis_texts(crowd):
     assert "teacher" in [t.get_text() for t in ax.texts]
 
 
+def test_a_name_too_long_for_the_axes_is_left_out_without_squeezing_them(recwarn):
+    rows = summary([{"recipe": "x" * 300, "q": 0.90, "size": 100}, {"recipe": "short", "q": 0.95, "size": 200}])
+    fig, _ = draw_pareto(rows, "size_bytes", "size", "t")
+    fig.draw_without_rendering()
+    ax = fig.axes[0]
+    assert [t.get_text() for t in ax.texts] == ["short"]
+    assert figures.LABELS_LEFT_OUT in [t.get_text() for t in ax.get_legend().get_texts()]
+    assert ax.get_position().width > 0.4  # the axes keep their room
+    assert not [w for w in recwarn if "constrained_layout" in str(w.message)]
+
+
 def test_pareto_draws_no_interval_from_two_seeds():
     rows = summary([{"recipe": "two-seeds", "q": 0.80, "size": 100, "ci": 0.30, "n": 2},
                     {"recipe": "three-seeds", "q": 0.85, "size": 200, "ci": 0.01, "n": 3}])

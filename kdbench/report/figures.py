@@ -15,6 +15,7 @@ XML itself.
 
 from __future__ import annotations
 
+import logging
 import math
 import textwrap
 from collections.abc import Sequence
@@ -244,15 +245,23 @@ def place_labels(ax, x: np.ndarray, y: np.ndarray, texts: Sequence[str], colours
         return []
     from adjustText import adjust_text  # imported here: only figures with named points need it
 
-    artists = [ax.text(px, py, text, fontsize=6.5, color=colour, parse_math=False, zorder=4,
+    # Out of the layout: the names go inside the axes, and a name too long to fit there must
+    # not shrink the axes (it is dropped by drop_colliding instead).
+    artists = [ax.text(px, py, text, fontsize=6.5, color=colour, parse_math=False, zorder=4, in_layout=False,
                        bbox={"boxstyle": "round,pad=0.15", "fc": "white", "ec": "none", "alpha": 0.7})
                for px, py, text, colour in zip(x, y, texts, colours)]
     # Fix the view first: the joining lines are added as patches, which would otherwise widen
     # the autoscaled limits and move every point out from under its name.
     ax.set_xlim(ax.get_xlim())
     ax.set_ylim(ax.get_ylim())
-    adjust_text(artists, x=points_x, y=points_y, ax=ax, expand=(1.15, 1.4), iter_lim=_LABEL_ITERATIONS,
-                ensure_inside_axes=True, arrowprops={"arrowstyle": "-", "color": "#888888", "lw": 0.5})
+    quiet = logging.getLogger("adjustText")  # "labels too long" at every step; handled below
+    level = quiet.level
+    quiet.setLevel(logging.ERROR)
+    try:
+        adjust_text(artists, x=points_x, y=points_y, ax=ax, expand=(1.15, 1.4), iter_lim=_LABEL_ITERATIONS,
+                    ensure_inside_axes=True, arrowprops={"arrowstyle": "-", "color": "#888888", "lw": 0.5})
+    finally:
+        quiet.setLevel(level)
     return artists
 
 
