@@ -9,6 +9,7 @@ import pandas as pd
 import pytest
 
 from kdbench.cli import main
+from kdbench.errors import KdbenchError
 from test_report_render import DomReader, chromium
 
 # A recipe name with characters HTML, Markdown and LaTeX treat as markup: every output must
@@ -123,6 +124,9 @@ def test_report_folder_has_everything_and_opens_in_a_browser(run, capsys):
         assert f"figures/{png.name}" in readme
     html = (out / "index.html").read_text()
     assert "http://" not in html and "https://" not in html
+    # The experiment's name is set in code in its heading, never shown with its backticks.
+    assert "\n### Experiment `tiny-report`\n" in readme
+    assert '<h3 id="experiment-tiny-report">Experiment <code>tiny-report</code></h3>' in html
 
     # What a reader of index.html sees, in a real browser: the leaderboard's numbers, the odd
     # name as text, every figure embedded.
@@ -174,3 +178,140 @@ def test_a_cifar100_crd_run_is_shown_against_the_published_table(tmp_path, capsy
     # RepDistiller's resnet56 -> resnet20 KD is 70.66; the difference is reproduced - published.
     assert "70.66" in section and f"{kd - 70.66:+.2f}".replace("-", "−") in section
     assert "69.06" in section and "72.34" in section  # scratch and the teacher
+
+
+# --- the --output folder: missing, empty, or an earlier report ------------------------------
+
+def report(capsys, db, out, *args) -> tuple[int, str]:
+    capsys.readouterr()
+    code = main(["report", "--store", db, "--output", str(out), *args])
+    return code, capsys.readouterr().err
+
+
+def tree(folder) -> dict[str, bytes]:
+    return {p.relative_to(folder).as_posix(): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def test_an_earlier_report_is_replaced_whole(run, capsys, tmp_path):
+    _, db, _ = run
+    out = tmp_path / "empty"
+    out.mkdir()
+    assert report(capsys, db, out)[0] == 0  # an empty folder is taken as it is
+    methods = [p.name for p in (out / "figures").glob("*-methods.png")]
+    assert methods  # a per-recipe figure: there are several recipes
+    marker = json.loads((out / ".kdbench-report").read_text())
+    assert set(marker["files"]) == set(tree(out)) - {".kdbench-report"}
+    assert marker["written_by"].startswith("kdbench ")
+
+    # Again with one recipe: no per-recipe figure, and the old one must not linger or be counted.
+    code, err = report(capsys, db, out, "--recipe", "scratch")
+    assert code == 0
+    files = tree(out)
+    assert not [name for name in files if name.endswith(("-methods.png", "-methods.svg"))]
+    assert f"wrote {len(files)} files to {out}/" in err
+    assert set(json.loads(files[".kdbench-report"])["files"]) == set(files) - {".kdbench-report"}
+    assert not any(p.name.startswith(".kdbench-staging") for p in out.iterdir())
+
+    # A report written before the marker existed is recognised by its files and replaced too.
+    (out / ".kdbench-report").unlink()
+    assert report(capsys, db, out)[0] == 0
+    assert sorted((out / "figures").glob("*-methods.png"))
+
+
+def test_a_folder_that_is_no_report_is_refused_and_left_untouched(run, capsys, tmp_path):
+    _, db, _ = run
+    out = tmp_path / "thesis"
+    (out / "figures").mkdir(parents=True)
+    (out / "chapter1.tex").write_text("my work")
+    (out / "figures" / "plot.png").write_bytes(b"mine")
+    before = tree(out)
+    code, err = report(capsys, db, out)
+    assert code == 2
+    assert f"report folder {out} is not empty and holds no kdbench report" in err
+    assert "chapter1.tex" in err and "choose a new or empty folder with --output" in err
+    assert tree(out) == before and sorted(p.name for p in out.iterdir()) == ["chapter1.tex", "figures"]
+
+    afile = tmp_path / "notes.txt"
+    afile.write_text("x")
+    code, err = report(capsys, db, afile)
+    assert code == 2 and "exists and is not a folder" in err and afile.read_text() == "x"
+
+
+def test_a_report_with_the_users_files_added_is_refused_and_nothing_deleted(run, capsys, tmp_path):
+    _, db, _ = run
+    out = tmp_path / "published"
+    assert report(capsys, db, out)[0] == 0
+    (out / "my-notes.md").write_text("keep me")
+    (out / "figures" / "my-own-plot.png").write_bytes(b"mine too")
+    before = tree(out)
+    code, err = report(capsys, db, out, "--recipe", "scratch")
+    assert code == 2
+    assert "holds an earlier kdbench report and also" in err
+    assert "figures/my-own-plot.png" in err and "my-notes.md" in err and "nothing was deleted" in err
+    assert tree(out) == before
+
+
+def test_a_report_that_fails_halfway_leaves_the_earlier_one_as_it_was(tmp_path):
+    from kdbench.report import output
+
+    out = tmp_path / "r"
+    with output.replacing(out) as folder:
+        for name in output.MAIN_FILES:
+            (folder / name).write_text("old " + name)
+        output.write_marker(folder, output.MAIN_FILES)
+    before = tree(out)
+    with pytest.raises(RuntimeError, match="figure failed"), output.replacing(out) as folder:
+        (folder / "README.md").write_text("new, half written")
+        raise RuntimeError("figure failed")
+    assert tree(out) == before and sorted(p.name for p in out.iterdir()) == sorted(before)
+    # Nor is a folder left behind where there was none.
+    with pytest.raises(RuntimeError), output.replacing(tmp_path / "new") as folder:
+        raise RuntimeError("x")
+    assert not (tmp_path / "new").exists()
+    # A marker naming a path outside the folder makes it no report: nothing outside is touched.
+    (tmp_path / "victim.txt").write_text("keep")
+    (out / ".kdbench-report").write_text(json.dumps({"files": ["../victim.txt", "README.md"]}))
+    with pytest.raises(KdbenchError, match="holds no kdbench report"):
+        output.earlier_report(out)
+    assert (tmp_path / "victim.txt").read_text() == "keep"
+
+
+# --- layers a compressor skipped -------------------------------------------------------------
+
+def test_the_report_lists_the_layers_a_compressor_skipped(tmp_path):
+    import dataclasses
+
+    from kdbench.plugins import get_plugins
+    from kdbench.report.folder import build_report
+    from kdbench.report.summary import frame, summarize
+    from test_report_summary import grid
+
+    records = grid({"teacher": [0.97, 0.98, 0.99], "scratch": [0.90, 0.91, 0.92], "nm24": [0.89, 0.90, 0.91],
+                    "dense-ft": [0.90, 0.91, 0.92]})
+    skipped = {"net.0": "in_features 13 is not a multiple of M=4", "head|<out>": "output layer kept dense"}
+    stages = [{"op": "train", "name": None, "seconds": 1.0},
+              {"op": "prune", "name": "nm", "seconds": 0.1, "materialized": False,
+               "report": {"sparsity": 0.5, "skipped_layers": skipped}}]
+    records = [dataclasses.replace(r, stages=stages) if r.recipe == "nm24" else r for r in records]
+    # A compressor that skipped nothing, as most do, adds no row.
+    records = [dataclasses.replace(r, stages=[{"op": "prune", "name": "magnitude", "report": {"sparsity": 0.5}}])
+               if r.recipe == "dense-ft" else r for r in records]
+    out = tmp_path / "r"
+    build_report(records, summarize(frame(records)), out, plugins=get_plugins(), title="t", command="kdbench report")
+    readme = (out / "README.md").read_text()
+    section = readme[readme.index("## Layers left uncompressed"):readme.index("## Figures")]
+    rows = [line for line in section.splitlines() if line.startswith("| digits")]
+    assert rows == [
+        r"| digits | mlp(hidden=[64]) → mlp(hidden=[16]) | nm24 | prune nm | net.0 | in_features 13 is not a multiple of M=4 | 0, 1, 2 |",
+        r"| digits | mlp(hidden=[64]) → mlp(hidden=[16]) | nm24 | prune nm | head\|\<out\> | output layer kept dense | 0, 1, 2 |",
+    ]
+    html = (out / "index.html").read_text()
+    assert '<h2 id="layers-left-uncompressed">Layers left uncompressed</h2>' in html
+    assert "<td>head|&lt;out&gt;</td><td>output layer kept dense</td>" in html
+
+    # Without a skipped layer there is no such section.
+    plain = [r for r in records if r.recipe != "nm24"]
+    build_report(plain, summarize(frame(plain)), tmp_path / "plain", plugins=get_plugins(), title="t",
+                 command="kdbench report")
+    assert "uncompressed" not in (tmp_path / "plain" / "README.md").read_text()
+    assert "uncompressed" not in (tmp_path / "plain" / "index.html").read_text()

@@ -15,6 +15,8 @@ import pytest
 from kdbench.report import figures
 from kdbench.report.figures import (
     Dot,
+    draw_pareto,
+    draw_training_curves,
     epoch_stats,
     method_bars,
     pareto_figure,
@@ -129,6 +131,60 @@ def test_pareto_refuses_two_protocols_or_tasks(tmp_path, column):
     assert not (tmp_path / "x.png").exists()
 
 
+def _boxes(artists, renderer) -> list:
+    return [a.get_window_extent(renderer) for a in artists if a.get_visible() and a.get_text()]
+
+
+@pytest.mark.parametrize("crowd", [8, 24])
+def test_pareto_names_touch_neither_each_other_nor_the_axis_texts(crowd):
+    # A crowd of long names on nearly the same spot: drawn at a fixed offset they pile up on
+    # each other, and the outermost run over the axis labels and the title.
+    rows = summary([{"recipe": f"kd-variant-{i}+int8", "q": 0.90 + 0.0004 * i, "size": 1000 + 2 * i, "ci": 0.002}
+                    for i in range(crowd)] + [teacher(0.95, 5000)])
+    fig, front = draw_pareto(rows, "size_bytes", "file size (bytes)", "digits: accuracy against size")
+    assert len(front) == crowd + 1
+    fig.draw_without_rendering()
+    renderer = fig.canvas.get_renderer()
+    ax = fig.axes[0]
+    names = _boxes(ax.texts, renderer)
+    assert len(names) >= min(crowd + 1, 8)  # most points are still named
+    for k, box in enumerate(names):
+        assert not any(box.overlaps(other) for other in names[k + 1:]), "two names overlap"
+    frame = ax.get_window_extent(renderer)
+    axis_texts = _boxes([ax.title, ax.xaxis.label, ax.yaxis.label, *ax.get_xticklabels(which="both"),
+                         *ax.get_yticklabels(), *ax.get_legend().get_texts()], renderer)
+    page = fig.bbox
+    for box in names:
+        assert not any(box.overlaps(other) for other in axis_texts), "a name covers an axis text"
+        assert frame.x0 - 1 <= box.x0 and box.x1 <= frame.x1 + 1 and frame.y0 - 1 <= box.y0 and box.y1 <= frame.y1 + 1
+        assert page.x0 <= box.x0 and box.x1 <= page.x1 and page.y0 <= box.y0 and box.y1 <= page.y1
+    legend = [t.get_text() for t in ax.get_legend().get_texts()]
+    # A point left unnamed is said to be; the teacher, named first, always keeps its name.
+    assert (len(names) < crowd + 1) == (figures.LABELS_LEFT_OUT in legend)
+    assert "teacher" in [t.get_text() for t in ax.texts]
+
+
+def test_a_name_too_long_for_the_axes_is_left_out_without_squeezing_them(recwarn):
+    rows = summary([{"recipe": "x" * 300, "q": 0.90, "size": 100}, {"recipe": "short", "q": 0.95, "size": 200}])
+    fig, _ = draw_pareto(rows, "size_bytes", "size", "t")
+    fig.draw_without_rendering()
+    ax = fig.axes[0]
+    assert [t.get_text() for t in ax.texts] == ["short"]
+    assert figures.LABELS_LEFT_OUT in [t.get_text() for t in ax.get_legend().get_texts()]
+    assert ax.get_position().width > 0.4  # the axes keep their room
+    assert not [w for w in recwarn if "constrained_layout" in str(w.message)]
+
+
+def test_pareto_draws_no_interval_from_two_seeds():
+    rows = summary([{"recipe": "two-seeds", "q": 0.80, "size": 100, "ci": 0.30, "n": 2},
+                    {"recipe": "three-seeds", "q": 0.85, "size": 200, "ci": 0.01, "n": 3}])
+    fig, _ = draw_pareto(rows, "size_bytes", "size", "t")
+    whiskers = fig.axes[0].containers
+    assert len(whiskers) == 1  # only the 3-seed row's interval
+    _, caps, (bars,) = whiskers[0]
+    assert bars.get_segments()[0][:, 1].tolist() == pytest.approx([84.0, 86.0])
+
+
 # --- the dot plot against the reference ----------------------------------------------------
 
 def comparison(higher: bool) -> pd.DataFrame:
@@ -195,7 +251,8 @@ def test_training_curves_panels_and_no_leak(tmp_path):
     assert_real_png(stem)
     svg = svg_text(stem)
     # A leading underscore would hide a legend entry; mathtext would rewrite the name.
-    assert svg.count(">_scratch $x$<") == 2  # the legend and the panel title
+    assert svg.count(">_scratch $x$<") == 1  # the panel title
+    assert svg.count(">_scratch $x$ (coincides with kd)<") == 1  # the legend: same mean curve as kd
     assert ">kd<" in svg and ">total<" in svg
     assert plt.get_fignums() == []  # nothing left open in pyplot after any of the figures
 
@@ -208,3 +265,20 @@ def test_epoch_stats_align_seeds_of_different_lengths_by_epoch():
     assert list(stats.index) == [1, 2, 3]
     assert stats["mean"].tolist() == [3.0, 3.0, 3.0]
     assert stats["min"].tolist() == [1.0, 2.0, 3.0] and stats["max"].tolist() == [5.0, 4.0, 3.0]
+
+
+def test_identical_training_curves_both_show_and_say_so():
+    same = [history(6, 2.0, True, 6), history(6, 2.1, True, 5)]
+    histories = {"kd": same, "kd-copy": [list(h) for h in same], "other": [
+        [{**row, "val_accuracy": row["val_accuracy"] - 0.05} for row in h] for h in same]}
+    fig, _ = draw_training_curves(histories, "accuracy", True, "digits")
+    main = fig.axes[0]
+    curves = {line.get_label(): line for line in main.get_lines() if not line.get_label().startswith("_")}
+    kd, copy = curves["kd"], curves["kd-copy (coincides with kd)"]
+    assert (kd.get_ydata() == copy.get_ydata()).all()
+    # Drawn exactly on top of each other, they still differ in dashes and markers, so the
+    # lower curve shows through.
+    assert kd.get_linestyle() != copy.get_linestyle() and kd.get_marker() != copy.get_marker()
+    assert "other" in curves  # a different curve gets no note
+    legend = [t.get_text() for t in main.get_legend().get_texts()]
+    assert "kd-copy (coincides with kd)" in legend and "kd" in legend and "other" in legend

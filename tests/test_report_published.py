@@ -127,6 +127,16 @@ def test_within_ci_true_and_task_mapping():
     assert compare(frame, {"cifar100(root=/data)": "imagenet"}).empty
 
 
+def test_two_seeds_give_no_interval_and_no_in_interval_verdict():
+    frame = summary([{"teacher": "resnet56", "student": "resnet20", "recipe": "kd", "n": 2,
+                      "test_accuracy_mean": 0.7024, "test_accuracy_ci95": 0.0500}])
+    out = compare(frame)
+    assert (out.within_ci.isna()).all()  # 70.66 lies in 70.24 ± 5.00, which says nothing
+    assert out.reproduced_ci95.iloc[0] == pytest.approx(5.0)  # kept in the data
+    row = to_table(out).rows[0]
+    assert row[7:9] == ["–", "2"] and row[10] == "–"
+
+
 def test_compare_with_nothing_matching_is_empty_with_columns():
     frame = summary([{"teacher": "mlp", "student": "mlp(hidden=[16])", "recipe": "kd", "n": 3,
                       "test_accuracy_mean": 0.9, "test_accuracy_ci95": 0.01}])

@@ -98,6 +98,25 @@ def test_markdown_headings_and_paragraphs():
     assert md.split("\n\n") == ["# Results", r"### kd_t4 \_x\_", "**Best**: `kd`.\n"]
 
 
+def test_heading_code_spans_render_as_code_in_markdown_and_html(tmp_path):
+    blocks = [Heading("Report", 1), Heading("Experiment `quickstart`", 3), Heading("Setup of `kd<i>_t4` and a_b *x*"),
+              Heading("it`s a *lone* backtick"), Heading("Notes")]
+    md = to_markdown(blocks).split("\n\n")
+    # A code span stays one (GitHub shows it in code font, without the backticks); the rest
+    # is escaped text, so *x* is no emphasis and a lone backtick opens no span.
+    assert md[1] == "### Experiment `quickstart`"
+    assert md[2] == r"## Setup of `kd<i>_t4` and a_b \*x\*"
+    assert md[3] == r"## it\`s a \*lone\* backtick"
+    page = to_html(blocks, tmp_path, "t")
+    assert '<h3 id="experiment-quickstart">Experiment <code>quickstart</code></h3>' in page
+    assert ('<h2 id="setup-of-kd-i-_t4-and-a_b-x">Setup of <code>kd&lt;i&gt;_t4</code> and a_b *x*</h2>'
+            in page)
+    assert '<h2 id="it-s-a-lone-backtick">it`s a *lone* backtick</h2>' in page
+    # The contents list shows the heading as the page does.
+    assert '<a href="#setup-of-kd-i-_t4-and-a_b-x">Setup of <code>kd&lt;i&gt;_t4</code> and a_b *x*</a>' in page
+    assert "`quickstart`" not in page
+
+
 # ---------------------------------------------------------------------------------- LaTeX
 
 def test_latex_table_uses_booktabs_and_aligns_numbers_right():

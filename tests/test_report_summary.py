@@ -4,6 +4,7 @@ ranks, Pareto flags, and protocol fingerprints that keep incomparable rows apart
 from __future__ import annotations
 
 import math
+import re
 import tomllib
 from pathlib import Path
 
@@ -89,6 +90,27 @@ def test_two_seeds_are_reported_but_never_marked_significant():
     table = next(b for b in leaderboard_blocks(s) if isinstance(b, Table))
     kd_cells = next(r for r in table.rows if r[0].split()[0] == "kd")
     assert "(n=2)" in " ".join(kd_cells) and "✓" not in " ".join(kd_cells)
+
+
+def test_intervals_are_shown_from_three_seeds_only():
+    two = summarize(frame(grid({"teacher": [0.97, 0.98], "scratch": [0.90, 0.91], "kd": [0.95, 0.97]})))
+    table = next(b for b in leaderboard_blocks(two) if isinstance(b, Table))
+    ci, delta = table.columns.index("95% CI"), next(i for i, c in enumerate(table.columns) if c.startswith("Δ"))
+    for cells in table.rows:
+        assert cells[ci] == "-"  # a 2-seed t interval is ±12.7 standard errors: not printed
+    kd = next(r for r in table.rows if r[0] == "kd")
+    assert kd[delta] == "+5.50 (n=2)"  # the difference, without its interval
+    assert "Intervals need at least 3 seeds" in " ".join(table.notes)
+    # The CSV and JSON keep the computed numbers, beside n and pairs that qualify them.
+    assert row(two, "kd").test_accuracy_ci95 == pytest.approx(12.706205 * 0.01, rel=1e-4)
+    assert row(two, "kd").delta_ci95 > 0 and row(two, "kd").pairs == 2
+
+    three = summarize(frame(grid({"teacher": [0.97, 0.98, 0.99], "scratch": [0.90, 0.91, 0.92],
+                                  "kd": [0.95, 0.97, 0.96]})))
+    table = next(b for b in leaderboard_blocks(three) if isinstance(b, Table))
+    kd = next(r for r in table.rows if r[0] == "kd")
+    assert re.fullmatch(r"\[\d+\.\d\d, \d+\.\d\d\]", kd[ci])
+    assert re.fullmatch(r"\+5\.00 \[\+\d\.\d\d, \+\d\.\d\d\]( ✓)?", kd[delta])
 
 
 def test_reference_falls_back_to_dense_then_the_teacher_and_can_be_chosen():

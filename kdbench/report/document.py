@@ -12,6 +12,9 @@ from pathlib import Path
 
 @dataclasses.dataclass
 class Heading:
+    """A section title; `` `code` `` spans are its only markup (a name set in code, as in
+    ``Experiment `quickstart` ``), every other character is shown as typed."""
+
     text: str
     level: int = 2
 

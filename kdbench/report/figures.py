@@ -15,6 +15,7 @@ XML itself.
 
 from __future__ import annotations
 
+import logging
 import math
 import textwrap
 from collections.abc import Sequence
@@ -24,12 +25,14 @@ from typing import NamedTuple
 import matplotlib as mpl
 import numpy as np
 import pandas as pd
+from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
+from matplotlib.text import Text
 from matplotlib.ticker import MaxNLocator
 
 from .stats import pareto_mask
-from .tables import is_fraction
+from .tables import MIN_INTERVAL_SEEDS, interval_shown, is_fraction
 
 DPI = 150
 #: ``svg.fonttype: none`` writes text as ``<text>`` elements (searchable, read by screen
@@ -44,9 +47,13 @@ DOMINATED = "#999999"
 TEACHER = "#000000"
 #: Few enough dominated points to name them without burying the front's labels.
 _NAME_DOMINATED_UP_TO = 6
-#: Label offsets (points) cycled along the front, so neighbours' labels go to different sides.
-_OFFSETS = [((6, 4), "left", "bottom"), ((-6, -4), "right", "top"),
-            ((6, -4), "left", "top"), ((-6, 4), "right", "bottom")]
+#: Iterations of the label placement: a fixed count (not a time limit) so that a figure is
+#: the same from run to run; a dozen names settle in well under that.
+_LABEL_ITERATIONS = 200
+#: Pixels kept free around a label when checking that it touches nothing (its white box).
+_LABEL_PAD = 2.0
+#: Legend note of a Pareto figure too crowded to name every point.
+LABELS_LEFT_OUT = "some points left unnamed (no room)"
 
 
 # --- shared helpers ------------------------------------------------------------------------
@@ -96,6 +103,16 @@ def _numbers(summary: pd.DataFrame, column: str) -> np.ndarray:
     return pd.to_numeric(summary[column], errors="coerce").to_numpy(dtype=float)
 
 
+def _intervals(summary: pd.DataFrame, metric: str) -> np.ndarray:
+    """The 95% half-widths of the test metric, NaN (no whisker) for rows of too few seeds: the
+    tables show no interval for them either."""
+    ci = _numbers(summary, f"test_{metric}_ci95")
+    if "n" in summary:
+        shown = np.array([not _missing(n) and interval_shown(n) for n in summary["n"]], dtype=bool)
+        ci = np.where(shown, ci, np.nan)
+    return ci
+
+
 def _row_labels(summary: pd.DataFrame) -> list[str]:
     """The recipe, plus the student (teacher) when the rows hold more than one."""
     teacher = _flag(summary, "is_teacher", False)
@@ -136,6 +153,14 @@ def _wrap(title: str, width: int = 80) -> str:
 def pareto_figure(summary: pd.DataFrame, cost: str, cost_label: str, out_stem: Path, title: str) -> list[str]:
     """Test quality against ``{cost}_mean`` for the rows of one task and one fingerprint; the
     non-dominated rows highlighted and joined by a step line. Returns their labels in cost order."""
+    fig, front = draw_pareto(summary, cost, cost_label, title)
+    _save(fig, out_stem)
+    return front
+
+
+@mpl.rc_context(_RC)
+def draw_pareto(summary: pd.DataFrame, cost: str, cost_label: str, title: str) -> tuple[Figure, list[str]]:
+    """The figure of :func:`pareto_figure`, not saved, and the front's labels in cost order."""
     for column in ("task", "fingerprint"):
         _single(summary, column, "pareto_figure")
     metric, higher = _metric(summary, "pareto_figure")
@@ -145,7 +170,7 @@ def pareto_figure(summary: pd.DataFrame, cost: str, cost_label: str, out_stem: P
     y_all = _numbers(summary, f"test_{metric}_mean") * scale
     keep = np.isfinite(x_all) & np.isfinite(y_all)
     x, y = x_all[keep], y_all[keep]
-    err = _numbers(summary, f"test_{metric}_ci95")[keep] * scale
+    err = _intervals(summary, metric)[keep] * scale
     labels = [label for label, k in zip(_row_labels(summary), keep) if k]
     teacher = _flag(summary, "is_teacher", False)[keep]
     real = _flag(summary, "materialized", True)[keep]
@@ -161,6 +186,7 @@ def pareto_figure(summary: pd.DataFrame, cost: str, cost_label: str, out_stem: P
     order = sorted(np.flatnonzero(front), key=lambda i: (x[i], -y[i] if higher else y[i]))
 
     fig = Figure(figsize=(7, 4.8), layout="constrained")
+    FigureCanvasAgg(fig)  # a renderer to measure the labels with, still without pyplot
     ax = fig.add_subplot()
     if len(order) > 1:
         ax.step(x[order], y[order], where="post", color=FRONT, lw=1, alpha=0.6, zorder=1)
@@ -173,11 +199,6 @@ def pareto_figure(summary: pd.DataFrame, cost: str, cost_label: str, out_stem: P
         ax.plot(x[i], y[i], linestyle="none", marker="*" if teacher[i] else "o",
                 markersize=11 if teacher[i] else 6, color=colour,
                 markerfacecolor=colour if real[i] else "none", zorder=3)
-    for k, i in enumerate(order):
-        _annotate(ax, x[i], y[i], labels[i], k, "black")
-    rest = [i for i in range(len(x)) if not front[i] and (teacher[i] or name_dominated)]
-    for k, i in enumerate(rest):
-        _annotate(ax, x[i], y[i], labels[i], k + 1, "black" if teacher[i] else "#777777")
 
     log = len(x) > 0 and bool((x > 0).all())
     if log:
@@ -195,16 +216,86 @@ def pareto_figure(summary: pd.DataFrame, cost: str, cost_label: str, out_stem: P
     if (~real).any():
         handles.append(Line2D([], [], color="#555555", marker="o", markerfacecolor="none", linestyle="none",
                               label="simulated (no real saving)"))
-    _legend(ax, handles, loc="best", framealpha=0.8)
-    _save(fig, out_stem)
-    return [labels[i] for i in order]
+    # Named in order of importance: when a label finds no free place, the later ones yield.
+    named = ([i for i in range(len(x)) if teacher[i]] + [i for i in order if not teacher[i]]
+             + [i for i in range(len(x)) if not front[i] and not teacher[i] and name_dominated])
+    colours = ["black" if teacher[i] or front[i] else "#777777" for i in named]
+    # Outside the axes: a legend inside would be one more thing for the labels to collide with.
+    _legend(ax, handles, loc="upper left", bbox_to_anchor=(1.01, 1), borderaxespad=0)
+    args = (x[named], y[named], [labels[i] for i in named], colours, x, y)
+    names = place_labels(ax, *args)
+    if drop_colliding(ax, names):
+        # Say so in the legend. A longer legend narrows the axes, and the names' places were
+        # found for the wider ones: place them again from the start on the final layout.
+        handles.append(Line2D([], [], linestyle="none", label=LABELS_LEFT_OUT))
+        ax.get_legend().remove()
+        _legend(ax, handles, loc="upper left", bbox_to_anchor=(1.01, 1), borderaxespad=0)
+        _remove_names(ax, names)
+        drop_colliding(ax, place_labels(ax, *args))
+    return fig, [labels[i] for i in order]
 
 
-def _annotate(ax, x: float, y: float, text: str, k: int, colour: str) -> None:
-    (dx, dy), ha, va = _OFFSETS[k % len(_OFFSETS)]
-    ax.annotate(text, (x, y), xytext=(dx, dy), textcoords="offset points", ha=ha, va=va,
-                fontsize=6.5, color=colour, parse_math=False, zorder=4,
-                bbox={"boxstyle": "round,pad=0.15", "fc": "white", "ec": "none", "alpha": 0.7})
+def place_labels(ax, x: np.ndarray, y: np.ndarray, texts: Sequence[str], colours: Sequence[str],
+                 points_x: np.ndarray, points_y: np.ndarray) -> list[Text]:
+    """Name the points (x, y), each name pushed away from the other names and from every
+    plotted point (``points_x``, ``points_y``) and kept inside the axes, so that none covers
+    the axis labels, the ticks or the title; a moved name is joined to its point by a thin
+    line. Call it once everything else is drawn. Returns the names' artists."""
+    if not len(texts):
+        return []
+    from adjustText import adjust_text  # imported here: only figures with named points need it
+
+    # Out of the layout: the names go inside the axes, and a name too long to fit there must
+    # not shrink the axes (it is dropped by drop_colliding instead).
+    artists = [ax.text(px, py, text, fontsize=6.5, color=colour, parse_math=False, zorder=4, in_layout=False,
+                       bbox={"boxstyle": "round,pad=0.15", "fc": "white", "ec": "none", "alpha": 0.7})
+               for px, py, text, colour in zip(x, y, texts, colours)]
+    # Fix the view first: the joining lines are added as patches, which would otherwise widen
+    # the autoscaled limits and move every point out from under its name.
+    ax.set_xlim(ax.get_xlim())
+    ax.set_ylim(ax.get_ylim())
+    quiet = logging.getLogger("adjustText")  # "labels too long" at every step; handled below
+    level = quiet.level
+    quiet.setLevel(logging.ERROR)
+    try:
+        adjust_text(artists, x=points_x, y=points_y, ax=ax, expand=(1.15, 1.4), iter_lim=_LABEL_ITERATIONS,
+                    ensure_inside_axes=True, arrowprops={"arrowstyle": "-", "color": "#888888", "lw": 0.5})
+    finally:
+        quiet.setLevel(level)
+    return artists
+
+
+def drop_colliding(ax, names: Sequence[Text]) -> list[Text]:
+    """Remove the names that still touch an earlier one or leave the axes, with their joining
+    lines (adjustText's search can end with a crowd still touching); earlier names are kept
+    first. Returns the names removed."""
+    fig = ax.figure
+    fig.draw_without_rendering()
+    renderer = fig.canvas.get_renderer()
+    inside = ax.get_window_extent(renderer)
+    kept, removed = [], []
+    for name in names:
+        # adjustText may leave a name flush with the frame: inside counts up to the frame.
+        text = name.get_window_extent(renderer)
+        fits = (inside.x0 - 0.5 <= text.x0 and text.x1 <= inside.x1 + 0.5
+                and inside.y0 - 0.5 <= text.y0 and text.y1 <= inside.y1 + 0.5)
+        box = text.padded(_LABEL_PAD)
+        if fits and not any(box.overlaps(other) for other in kept):
+            kept.append(box)
+        else:
+            removed.append(name)
+    _remove_names(ax, removed)
+    return removed
+
+
+def _remove_names(ax, names: Sequence[Text]) -> None:
+    """Remove names drawn by :func:`place_labels` and the lines that join them to their points."""
+    for patch in list(ax.patches):
+        if any(getattr(patch, "patchA", None) is name for name in names):
+            patch.remove()
+    for name in names:
+        if name.axes is not None:
+            name.remove()
 
 
 # --- 2. recipes against the reference ------------------------------------------------------
@@ -254,7 +345,7 @@ def method_bars(summary: pd.DataFrame, out_stem: Path, title: str, reference: st
     rows = summary.loc[~teacher]
     labels = [label for label, t in zip(_row_labels(summary), teacher) if not t]
     mean = _numbers(rows, f"test_{metric}_mean") * scale
-    ci = np.nan_to_num(_numbers(rows, f"test_{metric}_ci95") * scale, nan=0.0)
+    ci = np.nan_to_num(_intervals(rows, metric) * scale, nan=0.0)
     delta = _numbers(rows, "delta_mean")
     significant = list(rows["significant"]) if "significant" in rows else [None] * len(rows)
     compared = [not _missing(r) for r in rows["reference"]] if "reference" in rows else [True] * len(rows)
@@ -290,7 +381,8 @@ def method_bars(summary: pd.DataFrame, out_stem: Path, title: str, reference: st
         ax.axvline(value, color="#444444", linestyle=":", lw=1.2, zorder=1)
     if (is_reference & np.isfinite(mean)).any():
         handles.append(Line2D([], [], color="#444444", linestyle=":", label=f"reference: {reference}"))
-    ax.set_xlabel(_quality_label("test", metric, higher) + ", mean and 95% CI over seeds", parse_math=False)
+    ax.set_xlabel(_quality_label("test", metric, higher)
+                  + f", mean and 95% CI over seeds (CI from {MIN_INTERVAL_SEEDS} seeds)", parse_math=False)
     ax.set_title(_wrap(title), parse_math=False)
     ax.grid(True, axis="x", alpha=0.3)
     if handles:
@@ -315,12 +407,29 @@ def _loss_keys(seeds: Sequence[Sequence[dict]]) -> list[str]:
     return sorted(keys, key=lambda k: (k != "loss", k))  # the total first
 
 
+#: Line styles and markers cycled over the recipes, so that a curve drawn under an identical
+#: one (two recipes with the same history) still shows through: dashes and markers differ.
+_LINESTYLES = ["-", (0, (5, 2)), (0, (1, 1.5)), (0, (5, 2, 1, 2))]
+_MARKERS = ["s", "^", "v", "D", "P", "X", "<", ">"]
+#: Markers per curve: few enough to read the line, staggered so coinciding curves alternate.
+_MARKS_PER_CURVE = 8
+
+
 @mpl.rc_context(_RC)
 def training_curves(histories: dict[str, list[list[dict]]], metric: str, higher_is_better: bool,
                     out_stem: Path, title: str) -> list[str]:
     """The validation metric per epoch for every label (mean over seeds, min-max band, the
     kept epoch of each seed marked), then one small panel of loss terms per label. Returns the
     panel titles, the validation panel first."""
+    fig, titles = draw_training_curves(histories, metric, higher_is_better, title)
+    _save(fig, out_stem)
+    return titles
+
+
+@mpl.rc_context(_RC)
+def draw_training_curves(histories: dict[str, list[list[dict]]], metric: str, higher_is_better: bool,
+                         title: str) -> tuple[Figure, list[str]]:
+    """The figure of :func:`training_curves`, not saved, and its panel titles."""
     labels = list(histories)
     scale = _scale(metric)
     ncols = min(4, max(1, len(labels)))
@@ -332,12 +441,19 @@ def training_curves(histories: dict[str, list[list[dict]]], metric: str, higher_
     main = fig.add_subplot(grid[0, :])
     main_title = "validation " + _quality_label("", metric, higher_is_better).strip()
     handles = []
+    drawn: dict[str, pd.Series] = {}
     for k, label in enumerate(labels):
         colour = colours(k % colours.N)
         stats = epoch_stats(histories[label], f"val_{metric}") * scale
         if stats.empty:
             continue
-        (line,) = main.plot(stats.index, stats["mean"], color=colour, lw=1.3, label=label)
+        same = next((other for other, curve in drawn.items() if _coincide(curve, stats["mean"])), None)
+        drawn[label] = stats["mean"]
+        step = max(1, math.ceil(len(stats) / _MARKS_PER_CURVE))
+        (line,) = main.plot(stats.index, stats["mean"], color=colour, lw=1.3,
+                            linestyle=_LINESTYLES[k % len(_LINESTYLES)], marker=_MARKERS[k % len(_MARKERS)],
+                            markersize=3.5, markevery=(k % step, step),
+                            label=label if same is None else f"{label} (coincides with {same})")
         main.fill_between(stats.index, stats["min"], stats["max"], color=colour, alpha=0.15, lw=0)
         handles.append(line)
         chosen = [(row.get("epoch", i + 1), row.get(f"val_{metric}")) for history in histories[label]
@@ -365,8 +481,16 @@ def training_curves(histories: dict[str, list[list[dict]]], metric: str, higher_
         _loss_panel(ax, histories[label], term_colour)
         ax.set_title(label, parse_math=False)
     fig.suptitle(_wrap(title), parse_math=False)
-    _save(fig, out_stem)
-    return [main_title, *labels]
+    return fig, [main_title, *labels]
+
+
+def _coincide(a: pd.Series, b: pd.Series) -> bool:
+    """Two mean curves over the same epochs that no reader could tell apart (equal up to
+    rounding): the later one is drawn exactly over the earlier."""
+    if len(a) != len(b) or not (a.index == b.index).all():
+        return False
+    size = max(float(np.nanmax(np.abs(a.to_numpy()))), 1e-12)
+    return bool(np.allclose(a.to_numpy(), b.to_numpy(), rtol=0, atol=1e-6 * size, equal_nan=True))
 
 
 def _loss_panel(ax, seeds: Sequence[Sequence[dict]], term_colour: dict[str, tuple]) -> None:

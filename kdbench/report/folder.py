@@ -19,7 +19,7 @@ import pandas as pd
 from ..config import digest, embedded_experiments, load_experiment
 from ..errors import KdbenchError
 from ..store import Record
-from . import figures, published, render
+from . import figures, output, published, render
 from .document import Block, Code, Figure, Heading, Paragraph, Table
 from .summary import aggregate_ranks
 from .tables import is_fraction, leaderboard_blocks, ranks_table
@@ -99,7 +99,7 @@ def figure_blocks(summary: pd.DataFrame, records: Sequence[Record], out: Path) -
                 stem = Path("figures") / f"{tag}-methods"
                 reference = next((r for r in pair["reference"].dropna()), None)
                 figures.method_bars(pair_rows, out / stem, title, reference=reference)
-                blocks.append(Figure(stem, f"{title}: test {metric} per recipe, mean with 95% CI; "
+                blocks.append(Figure(stem, f"{title}: test {metric} per recipe, mean with 95% CI (from 3 seeds); "
                                            "colour: paired comparison with the reference"))
             histories = _group_histories(records, pair.iloc[0]["experiment"], task, teacher, student)
             if histories:
@@ -152,8 +152,22 @@ def run_commands(records: Sequence[Record]) -> list[str]:
 def build_report(records: Sequence[Record], summary: pd.DataFrame, out: Path, *, plugins, title: str,
                  command: str, notes: Sequence[str] = (), files: dict[str, str] | None = None,
                  by: Sequence[str] = ("task",)) -> list[Path]:
-    """Write the report folder; return the files written."""
-    out.mkdir(parents=True, exist_ok=True)
+    """Write the report folder ``out``; return the files written.
+
+    ``out`` must be missing, empty or an earlier report, which is replaced whole (see
+    :mod:`kdbench.report.output`); anything else raises KdbenchError before anything is written.
+    """
+    with output.replacing(Path(out)) as folder:
+        written = _write_report(records, summary, folder, plugins=plugins, title=title, command=command,
+                                notes=notes, files=files, by=by)
+        output.write_marker(folder, written)
+    return [Path(out) / name for name in [*written, output.MARKER]]
+
+
+def _write_report(records: Sequence[Record], summary: pd.DataFrame, out: Path, *, plugins, title: str,
+                  command: str, notes: Sequence[str], files: dict[str, str] | None,
+                  by: Sequence[str]) -> list[str]:
+    """Write the report into the empty folder ``out``; return its files, relative to ``out``."""
     experiments = list(dict.fromkeys(r.experiment for r in records))
     sources = experiment_sources(experiments, records, plugins, files or {})
     ok = [r for r in records if r.ok]
@@ -174,6 +188,7 @@ def build_report(records: Sequence[Record], summary: pd.DataFrame, out: Path, *,
     comparison = published.compare(summary)
     if len(comparison):
         blocks += [Heading("Published and reproduced", 2), published.to_table(comparison)]
+    blocks += skipped_layers(records)
     blocks.append(Heading("Figures", 2))
     blocks += figure_blocks(summary, records, out)
     if failed:
@@ -197,15 +212,47 @@ def build_report(records: Sequence[Record], summary: pd.DataFrame, out: Path, *,
     if notes:
         blocks += [Heading("Notes", 2), Paragraph(" ".join(notes))]
 
-    written = []
     (out / "README.md").write_text(render.to_markdown(blocks))
     (out / "index.html").write_text(render.to_html(blocks, out, title))
     summary.to_csv(out / "leaderboard.csv", index=False)
     (out / "leaderboard.json").write_text(to_json(summary, records))
-    for name in ("README.md", "index.html", "leaderboard.csv", "leaderboard.json"):
-        written.append(out / name)
-    written += sorted((out / "figures").glob("*")) if (out / "figures").exists() else []
-    return written
+    # The files of this report, named from its own blocks: never whatever lies in the folder.
+    figures_written = sorted(f"{b.stem.as_posix()}.{ext}" for b in blocks if isinstance(b, Figure)
+                             for ext in ("png", "svg"))
+    return [*output.MAIN_FILES, *figures_written]
+
+
+def skipped_layers(records: Sequence[Record]) -> list[Block]:
+    """The layers a compressor left as they were, per recipe, with its reason: a compressor
+    whose ``report()`` has ``skipped_layers`` ({module path: reason}) did not apply to them, and
+    the row's size and speed include them uncompressed. Nothing when no compressor skipped any."""
+    found: dict[tuple, list[int]] = {}
+    for r in records:
+        if not (r.ok and r.role == "student"):
+            continue
+        for stage in r.stages:
+            report = stage.get("report")
+            skipped = report.get("skipped_layers") if isinstance(report, dict) else None
+            if isinstance(skipped, list):  # names without reasons
+                skipped = dict.fromkeys(skipped, "")
+            if not isinstance(skipped, dict):
+                continue
+            compressor = " ".join(str(p) for p in (stage.get("op"), stage.get("name")) if p)
+            for layer, reason in skipped.items():
+                key = (r.experiment, r.task, r.teacher, r.student, r.recipe, compressor, str(layer), str(reason or "-"))
+                found.setdefault(key, []).append(r.seed)
+    if not found:
+        return []
+    several = len({key[0] for key in found}) > 1
+    rows = [([experiment] if several else []) + [task, f"{teacher} → {student}", recipe, compressor, layer, reason,
+                                                  ", ".join(map(str, sorted(set(seeds))))]
+            for (experiment, task, teacher, student, recipe, compressor, layer, reason), seeds in found.items()]
+    columns = (["experiment"] if several else []) + ["task", "pair", "recipe", "compressor", "layer", "reason", "seeds"]
+    return [Heading("Layers left uncompressed", 2), Paragraph(
+        "These compressors skipped layers that cannot take what they impose (e.g. an N:M pattern "
+        "on a layer whose width is no multiple of M) and left them as they were; the rows' sizes, "
+        "sparsities and speeds include those layers uncompressed."),
+        Table(columns, rows, caption="Layers a compressor skipped, per recipe")]
 
 
 def findings(summary: pd.DataFrame) -> list[Block]:

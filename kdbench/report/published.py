@@ -33,6 +33,7 @@ import re
 import pandas as pd
 
 from kdbench.report.document import Table
+from kdbench.report.tables import interval_shown
 
 COLUMNS = ["dataset", "teacher_arch", "student_arch", "method", "top1", "source", "url", "note"]
 COMPARISON = ["task", "teacher", "student", "recipe", "source", "url", "published", "reproduced",
@@ -116,7 +117,8 @@ def compare(summary: pd.DataFrame, dataset_of_task: dict[str, str] | None = None
     ``dataset_of_task`` maps task labels to published datasets; by default a task maps to the
     dataset of its name (``cifar100``). Accuracies are in percent, ``difference`` is reproduced
     minus published in points, and ``within_ci`` says whether the published number lies in
-    the reproduction's 95% interval (None with fewer than 2 seeds).
+    the reproduction's 95% interval (None with fewer seeds than an interval needs, see
+    ``tables.MIN_INTERVAL_SEEDS``).
     """
     table = published()
     rows = []
@@ -133,7 +135,7 @@ def compare(summary: pd.DataFrame, dataset_of_task: dict[str, str] | None = None
         ci = 100 * _number(row.get("test_accuracy_ci95"))
         n = int(row["n"])
         for _, ref in match.iterrows():
-            within = None if n < 2 or math.isnan(ci) else bool(abs(reproduced - ref["top1"]) <= ci)
+            within = None if not interval_shown(n) or math.isnan(ci) else bool(abs(reproduced - ref["top1"]) <= ci)
             rows.append([row["task"], row["teacher"], row["student"], row["recipe"], ref["source"],
                          ref["url"], ref["top1"], reproduced, ci, n, reproduced - ref["top1"],
                          within])
@@ -162,7 +164,8 @@ def to_table(comparison: pd.DataFrame) -> Table:
         within = {True: "yes", False: "no"}.get(r["within_ci"], "–")
         rows.append([str(r["task"]), str(r["teacher"]), str(r["student"]), str(r["recipe"]),
                      str(r["source"]), _fixed(r["published"]), _fixed(r["reproduced"]),
-                     _fixed(r["reproduced_ci95"]), str(int(r["n"])), _signed(r["difference"]),
+                     _fixed(r["reproduced_ci95"]) if interval_shown(r["n"]) else "–",
+                     str(int(r["n"])), _signed(r["difference"]),
                      within])
         numbers.append([None] * 5 + [float(r["published"]), float(r["reproduced"]),
                                      float(r["reproduced_ci95"]), float(r["n"]),

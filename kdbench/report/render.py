@@ -77,6 +77,18 @@ def _md_text(text: str) -> str:
     return _MD_SPECIAL.sub(r"\\\1", " ".join(str(text).split()))
 
 
+def _md_heading(heading: Heading) -> str:
+    """``#`` and the text escaped, except its `code` spans, which stay code spans."""
+    pieces = []
+    for i, piece in enumerate(_INLINE_CODE.split(" ".join(str(heading.text).split()))):
+        if i % 2 == 0:
+            pieces.append(_MD_SPECIAL.sub(r"\\\1", piece))  # spaces kept: they part text from code
+        else:
+            # A span that starts or ends with a space loses one on each side in CommonMark.
+            pieces.append(f"` {piece} `" if piece.startswith(" ") or piece.endswith(" ") else f"`{piece}`")
+    return "#" * min(max(heading.level, 1), 6) + " " + "".join(pieces)
+
+
 def _md_table(table: Table) -> str:
     numeric = numeric_columns(table)
     lines = []
@@ -110,7 +122,7 @@ def to_markdown(blocks: list[Block]) -> str:
     parts = []
     for block in blocks:
         if isinstance(block, Heading):
-            parts.append("#" * min(max(block.level, 1), 6) + " " + _md_text(block.text))
+            parts.append(_md_heading(block))
         elif isinstance(block, Paragraph):
             parts.append(block.text)  # authored text with its own ** and ` markup
         elif isinstance(block, Table):
@@ -158,14 +170,23 @@ _INLINE_CODE = re.compile(r"`([^`]+)`")
 _BOLD = re.compile(r"\*\*(.+?)\*\*")
 
 
-def _inline(text: str) -> str:
-    """Escape, then honour `code` and **bold** (escaping first means markup cannot smuggle
-    tags in; code spans are cut out first so ``**`` inside them stays literal)."""
+def _inline(text: str, bold: bool = True) -> str:
+    """Escape, then honour `code` and (unless ``bold`` is False, as in headings) **bold**
+    (escaping first means markup cannot smuggle tags in; code spans are cut out first so
+    ``**`` inside them stays literal)."""
     out = []
     for i, piece in enumerate(_INLINE_CODE.split(text)):
         piece = html.escape(piece)
-        out.append(f"<code>{piece}</code>" if i % 2 else _BOLD.sub(r"<strong>\1</strong>", piece))
+        if i % 2:
+            out.append(f"<code>{piece}</code>")
+        else:
+            out.append(_BOLD.sub(r"<strong>\1</strong>", piece) if bold else piece)
     return "".join(out)
+
+
+def _plain(text: str) -> str:
+    """A heading's text without its code-span backticks: what its anchor is made of."""
+    return _INLINE_CODE.sub(r"\1", text)
 
 
 def _slug(text: str, taken: set[str]) -> str:
@@ -210,7 +231,8 @@ def _html_code(code: Code) -> str:
 
 
 def _toc(entries: list[tuple[str, str]]) -> str:
-    items = "".join(f'<li><a href="#{slug}">{html.escape(text)}</a></li>' for slug, text in entries)
+    """``entries``: (anchor, heading text already rendered as HTML)."""
+    items = "".join(f'<li><a href="#{slug}">{text}</a></li>' for slug, text in entries)
     return f'<nav class="toc" aria-label="Contents"><p>Contents</p><ol>{items}</ol></nav>'
 
 
@@ -222,10 +244,11 @@ def to_html(blocks: list[Block], base: Path, title: str) -> str:
     for block in blocks:
         if isinstance(block, Heading):
             level = min(max(block.level, 1), 6)
-            slug = _slug(block.text, taken)
+            slug = _slug(_plain(block.text), taken)
+            text = _inline(block.text, bold=False)
             if level == 2:
-                toc.append((slug, block.text))
-            parts.append(f'<h{level} id="{slug}">{html.escape(block.text)}</h{level}>')
+                toc.append((slug, text))
+            parts.append(f'<h{level} id="{slug}">{text}</h{level}>')
         elif isinstance(block, Paragraph):
             parts.append(f"<p>{_inline(block.text)}</p>")
         elif isinstance(block, Table):

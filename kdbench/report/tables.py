@@ -53,6 +53,21 @@ RELATIVE: list[tuple[str, str]] = [
 ]
 
 
+#: Fewest seeds (or seed pairs) whose t interval is shown. With 2 the t distribution has one
+#: degree of freedom and a 95% interval is ±12.7 standard errors: a number that looks precise
+#: and says nothing. The CSV and JSON keep the computed half-widths (``*_ci95``,
+#: ``delta_ci95``) beside ``n`` and ``pairs``; the tables and figures show "-" instead.
+MIN_INTERVAL_SEEDS = stats.MIN_PAIRS
+
+
+def interval_shown(n: Any) -> bool:
+    """Whether an interval over ``n`` seeds (or seed pairs) is worth printing."""
+    try:
+        return int(n) >= MIN_INTERVAL_SEEDS
+    except (TypeError, ValueError):
+        return False
+
+
 def is_fraction(metric: str) -> bool:
     return metric.endswith(("accuracy", "agreement"))
 
@@ -81,14 +96,15 @@ def _signed(value: float, scale: float, digits: int) -> str:
 
 
 def delta_cell(row: dict[str, Any]) -> str:
-    """``+0.87 [−0.30, +2.04] ✓``: paired mean difference, its 95% interval, and a mark when
-    the Holm-adjusted p is below 0.05 with at least ``MIN_PAIRS`` seeds."""
+    """``+0.87 [−0.30, +2.04] ✓``: paired mean difference, its 95% interval (from
+    ``MIN_INTERVAL_SEEDS`` seed pairs on), and a mark when the Holm-adjusted p is below 0.05
+    with at least ``MIN_PAIRS`` seeds."""
     if row.get("reference") is None or (isinstance(row.get("delta_mean"), float) and math.isnan(row["delta_mean"])):
         return "(reference)" if row.get("reference") == row.get("recipe") else "-"
     figure = row["compared"]
     scale, digits = (100, 2) if is_fraction(figure) else (1, 3)
     text = _signed(row["delta_mean"], scale, digits)
-    if not math.isnan(row["delta_ci95"]):
+    if not math.isnan(row["delta_ci95"]) and interval_shown(row.get("pairs")):
         lo, hi = row["delta_mean"] - row["delta_ci95"], row["delta_mean"] + row["delta_ci95"]
         text += f" [{_signed(lo, scale, digits)}, {_signed(hi, scale, digits)}]"
     return text + mark(row)
@@ -111,7 +127,8 @@ def p_cell(row: dict[str, Any]) -> str:
 def _metric_cells(row: dict[str, Any], figure: str) -> tuple[str, str]:
     style = "pct" if is_fraction(figure) else "num"
     mean, std, ci = row.get(f"{figure}_mean"), row.get(f"{figure}_std"), row.get(f"{figure}_ci95")
-    if ci is None or (isinstance(ci, float) and math.isnan(ci)) or mean is None or math.isnan(mean):
+    if (ci is None or (isinstance(ci, float) and math.isnan(ci)) or mean is None or math.isnan(mean)
+            or not interval_shown(row.get("n"))):
         interval = "-"
     elif style == "pct":
         interval = f"[{100 * (mean - ci):.2f}, {100 * (mean + ci):.2f}]"
@@ -206,8 +223,10 @@ def table_notes(rows: pd.DataFrame, figure: str) -> list[str]:
         "Δ: mean of the per-seed differences to the reference recipe (paired by seed) with its "
         "95% t interval; p: two-sided paired t-test; ✓: significant at 0.05 after Holm's "
         f"correction over the rows compared with the same reference; (n=k): fewer than "
-        f"{stats.MIN_PAIRS} seed pairs, too few to test. Rank 1 is best on {figure}, among rows "
-        "of the same pair and protocol; ties share the mean rank.",
+        f"{stats.MIN_PAIRS} seed pairs, too few to test. Intervals need at least "
+        f"{MIN_INTERVAL_SEEDS} seeds ({MIN_INTERVAL_SEEDS} seed pairs for Δ); with fewer they show "
+        "\"-\": a 2-seed t interval is ±12.7 standard errors wide. Rank 1 is best on "
+        f"{figure}, among rows of the same pair and protocol; ties share the mean rank.",
         "Latency: median of interleaved repeats on the CPU; × teacher: median ratio of teacher to "
         "model time, the two timed back to back. FLOPs count a multiply-add as 2. % of teacher: "
         "the task metric as a share of the teacher's (teacher / model for lower-is-better metrics); "
