@@ -234,7 +234,7 @@ def test_a_folder_that_is_no_report_is_refused_and_left_untouched(run, capsys, t
     afile = tmp_path / "notes.txt"
     afile.write_text("x")
     code, err = report(capsys, db, afile)
-    assert code == 2 and "exists and is not a folder" in err and afile.read_text() == "x"
+    assert code == 2 and "is a file, not a folder" in err and afile.read_text() == "x"
 
 
 def test_a_report_with_the_users_files_added_is_refused_and_nothing_deleted(run, capsys, tmp_path):
