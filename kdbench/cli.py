@@ -19,6 +19,7 @@ from .params import field_specs
 from .paths import check_dir_writable, check_file_writable
 
 DEFAULT_STORE = "kdbench-results.db"
+DEFAULT_THREADS = 1  # torch threads per cell in this process, without --threads
 
 
 def cmd_run(args) -> int:
@@ -42,11 +43,15 @@ def cmd_run(args) -> int:
     name, overrides = executor_choice(args)
     executor = build_executor(plugins, experiment, name, overrides, args.threads)
     check_device(args.device, args.precision)
-    if args.threads is not None:
-        import torch
-        if args.threads < 1:
-            raise KdbenchError(f"--threads must be at least 1, got {args.threads}")
-        torch.set_num_threads(args.threads)
+    if args.threads is not None and args.threads < 1:
+        raise KdbenchError(f"--threads must be at least 1, got {args.threads}")
+    import torch
+
+    # This process's cells (the local executor) get one torch thread unless told otherwise:
+    # on the small models most grids hold, a second thread saves nothing while doubling the
+    # CPU time, and a core taken by any other process makes two threads wait on each other
+    # (measured: tests/benchmarks/README.md). Worker processes divide the cores between them.
+    torch.set_num_threads(args.threads or DEFAULT_THREADS)
     if args.cell_timeout is not None and args.cell_timeout <= 0:
         raise KdbenchError(f"--cell-timeout must be a positive number of seconds, got {args.cell_timeout:g}")
     cache_dir = Path(args.cache_dir) if args.cache_dir else default_cache_dir()
@@ -515,8 +520,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--precision", choices=["fp32", "bf16"], default="fp32",
                      help="student training: fp32 (default) or bf16 autocast (GPUs from Ampere on; "
                      "teachers always train in fp32, so every student sees the same cached teacher)")
-    run.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice); "
-                     "recorded with every row")
+    run.add_argument("--threads", type=int, help="torch CPU threads per cell (default 1 in this "
+                     "process; worker processes divide the cores between them); recorded with every row")
     run.add_argument("--workers", type=int, help="worker processes (processes or dask executor; "
                      "alone it selects processes; default: fill the machine)")
     run.add_argument("--scheduler", metavar="ADDRESS", help="a running Dask scheduler, e.g. "

@@ -33,7 +33,7 @@ from .measure import export, measure
 from .plugins import Plugins
 from .store import Record, Store
 from .teachers import CachedTeacher, obtain_teacher
-from .training import Tapped, Teacher, fit, predict
+from .training import Tapped, Teacher, fit, predict, warm_up
 
 
 @dataclasses.dataclass
@@ -99,6 +99,11 @@ def deadline(seconds: float | None, what: str):
         raise CellTimeout(f"{what} ran past --cell-timeout {seconds:g} s")
 
 
+#: Task data by task spec, loaded once per process and kept for every runner there: a worker
+#: process runs the teacher phase and then the student phase with two unpickled runners.
+LOADED_DATA: dict[str, TaskData] = {}
+
+
 class CellRunner:
     """Runs teacher jobs and student cells in one process.
 
@@ -113,7 +118,6 @@ class CellRunner:
         self.cell_timeout = cell_timeout
         self.precision = precision
         self.epoch_bars: TextIO | None = None  # a terminal: one bar per training stage
-        self._data: dict[str, TaskData] = {}
         self._test_logits: dict[tuple, torch.Tensor] = {}
 
     def __getstate__(self):
@@ -143,10 +147,13 @@ class CellRunner:
 
     # ------------------------------------------------------------ shared pieces
     def data(self, task_ref) -> TaskData:
+        """The task's splits, loaded once per process (``LOADED_DATA``)."""
         key = digest(task_ref.spec())
-        if key not in self._data:
-            self._data[key] = self.plugins.get("task", task_ref.name).build(task_ref.params).load()
-        return self._data[key]
+        if key not in LOADED_DATA:
+            while len(LOADED_DATA) >= 2:  # a grid rarely has more tasks in flight; free the oldest
+                LOADED_DATA.pop(next(iter(LOADED_DATA)))
+            LOADED_DATA[key] = self.plugins.get("task", task_ref.name).build(task_ref.params).load()
+        return LOADED_DATA[key]
 
     def teacher(self, job: TeacherJob) -> CachedTeacher:
         task = self.plugins.get("task", job.task.name).build(job.task.params)
@@ -156,6 +163,7 @@ class CellRunner:
 
     def _guarded(self, labels: dict, config: Callable[[], dict], cell_id: str, experiment: str,
                  role: str, body: Callable[[], tuple[dict, list]]) -> Record:
+        warm_up()  # torch's one-off costs are no cell's time
         started = _now()
         try:
             with deadline(self.cell_timeout, f"the {role} cell"):

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import functools
 import math
+import operator
 import time
 from collections import defaultdict
 from collections.abc import Callable, Iterator
@@ -54,6 +56,8 @@ def predict(model: nn.Module, inputs: torch.Tensor, batch_size: int = 512,
 
 def rows(logits: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(N, C) logits and (N,) targets: for sequence tasks every position is a row."""
+    if logits.dim() == 2 and targets.dim() == 1:
+        return logits, targets  # already rows (a call per step saved)
     return logits.reshape(-1, logits.shape[-1]), targets.reshape(-1)
 
 
@@ -126,6 +130,13 @@ def mixed_precision(device: str | torch.device, precision: str):
     if precision != "bf16":
         raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
     return torch.autocast(torch.device(device).type, dtype=torch.bfloat16)
+
+
+def warm_up() -> None:
+    """Pay the one-off costs of training in this process now: torch's optimizers import
+    ``torch._dynamo`` at their first use (about 2 s), which would otherwise be counted in the
+    training time of whichever cell came first."""
+    import torch._dynamo  # noqa: F401
 
 
 def epoch_batches(n: int, batch_size: int) -> int:
@@ -219,7 +230,9 @@ def fit(model: nn.Module, data: TaskData, task: Task, training: Training, seed: 
                     if distiller is not None:
                         distiller.begin_batch(indices, epoch, training.epochs)
                         if teacher_outputs is not None:
-                            t_logits, t_feats = teacher_outputs(indices).to(device), {}
+                            t_logits, t_feats = teacher_outputs(indices), {}
+                            if not on_cpu:
+                                t_logits = t_logits.to(device)
                         else:
                             with torch.no_grad(), capture_features(teacher.model, t_points) as t_feats:
                                 t_logits = teacher.model(x)
@@ -229,7 +242,7 @@ def fit(model: nn.Module, data: TaskData, task: Task, training: Training, seed: 
                     else:
                         terms = {"ce": F.cross_entropy(*rows(s_logits, y), ignore_index=-100,
                                                        label_smoothing=training.label_smoothing)}
-                loss = sum(terms.values()) if len(terms) > 1 else next(iter(terms.values()))
+                loss = functools.reduce(operator.add, terms.values())  # no leading 0 + ...
                 value = loss.item()  # logged anyway; a float test costs no extra tensor op
                 if not math.isfinite(value):
                     raise FloatingPointError(non_finite_message(terms, loss, epoch, step, global_step,

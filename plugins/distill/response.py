@@ -9,7 +9,7 @@ import torch.nn.functional as F
 
 from kdbench import hookimpl
 from kdbench.contracts import Distiller, Outputs
-from kdbench_plugins.distill.common import soft_kl
+from kdbench_plugins.distill.common import soft_kl, without_padding
 
 
 def standardize(logits: torch.Tensor, eps: float = 1e-7) -> torch.Tensor:
@@ -26,8 +26,8 @@ def standardize(logits: torch.Tensor, eps: float = 1e-7) -> torch.Tensor:
 
 def real_rows(student: Outputs, teacher: Outputs, targets: torch.Tensor):
     """Student logits, teacher logits (detached) and targets of the rows that are not padding."""
-    keep = targets != -100
-    return student.logits[keep], teacher.logits[keep].detach(), targets[keep]
+    s, t, y = without_padding(targets, student.logits, teacher.logits)
+    return s, t.detach(), y
 
 
 def zeros(student: Outputs, names: tuple[str, ...]) -> dict[str, torch.Tensor]:

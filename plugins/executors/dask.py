@@ -47,12 +47,14 @@ from __future__ import annotations
 import dataclasses
 import pickle
 import time
+from typing import Literal
 
 from kdbench import hookimpl
 from kdbench.contracts import Executor
 from kdbench.errors import KdbenchError
 
-from .processes import Shipped, available_cpus, check_slots, limit_threads, resolve_slots, reuse
+from .processes import (Shipped, available_cpus, check_slots, choose_start_method, limit_threads,
+                        resolve_slots, reuse)
 
 MISSING = 'executor dask needs dask.distributed: pip install "kdbench[dask]"'
 
@@ -72,6 +74,12 @@ def _run(key: str, blob: bytes, threads: int, job_blob: bytes):
     return reuse(key, blob)(pickle.loads(job_blob))
 
 
+def _warm_up() -> None:
+    from kdbench.training import warm_up
+
+    warm_up()
+
+
 def _worker_version() -> str:
     import importlib.metadata
 
@@ -88,6 +96,8 @@ class Dask(Executor):
         workers: int = 0  # LocalCluster worker processes; 0 = one per CPU core
         threads: int = 0  # torch threads per task; 0 = the cores divided between the workers
         connect_timeout: float = 10.0  # seconds to wait for the scheduler
+        # LocalCluster workers: auto forks workers of one thread on Linux (see processes)
+        start_method: Literal["auto", "fork", "spawn", "forkserver"] = "auto"
 
         def __post_init__(self):
             check_slots(self.workers, self.threads)
@@ -103,6 +113,7 @@ class Dask(Executor):
         self._client = None
         self._cluster = None
         self._running: dict = {}  # future key -> (future, job)
+        self._warming: list = []  # futures of the local workers' warm-up
         self.threads = self.params.threads
 
     def start(self) -> None:
@@ -125,11 +136,26 @@ class Dask(Executor):
                     "address and port are right, or raise connect_timeout") from None
             self._check_workers()
         else:
+            import dask
+
             workers, self.threads = resolve_slots(p.workers, p.threads)
+            # Workers forked rather than spawned, on the rule of the processes executor: ready
+            # at once, with torch and the plugins imported (a restarted worker is spawned).
+            method = choose_start_method(p.start_method, self.threads)
             try:  # one task per worker process: torch, not Dask, uses the threads
-                self._cluster = LocalCluster(n_workers=workers, threads_per_worker=1, processes=True,
-                                             dashboard_address="127.0.0.1:0")  # any free port
+                with dask.config.set({"distributed.worker.multiprocessing-method": method,
+                                      # Dask's statistical profiler samples every worker's
+                                      # stack 100 times a second, and the nannies poll memory
+                                      # 10 times a second: CPU the cells would use.
+                                      "distributed.worker.profile.enabled": False,
+                                      "distributed.worker.memory.monitor-interval": "1s"}):
+                    self._cluster = LocalCluster(n_workers=workers, threads_per_worker=1, processes=True,
+                                                 dashboard_address="127.0.0.1:0")  # any free port
                 self._client = Client(self._cluster, set_as_default=False)
+                # Workers pay torch's one-off costs now, while the run prepares (as the
+                # processes executor's workers do).
+                self._warming = [self._client.submit(_warm_up, pure=False, workers=[address])
+                                 for address in self._client.scheduler_info()["workers"]]
             except Exception as exc:
                 self.close()
                 raise KdbenchError(f"executor dask: the local cluster of {workers} workers did not "
@@ -204,6 +230,7 @@ class Dask(Executor):
     def close(self) -> None:
         client, cluster = self._client, self._cluster
         self._client = self._cluster = None
+        self._warming = []
         if client is not None:
             for future, _ in self._running.values():  # after an error: free a shared cluster
                 future.cancel()

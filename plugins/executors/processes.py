@@ -1,8 +1,15 @@
 """Executor ``processes``: worker processes on this machine.
 
-Workers are started with ``spawn``: forking a parent whose torch has already started its
-thread pools can deadlock the child. Each worker limits torch (and the OpenMP/MKL pools of
-anything it starts) to ``threads`` threads, so that ``workers x threads`` fits the cores.
+Each worker limits torch (and the OpenMP/MKL pools of anything it starts) to ``threads``
+threads, so that ``workers x threads`` fits the cores.
+
+How workers start (``start_method``): a *forked* worker is ready at once, with torch and the
+plugins already imported; a *spawned* one imports them again (1.5 s of CPU per worker), which
+on a short grid is much of what parallel workers save. Forking is unsafe only where the child
+would use an OpenMP thread pool the parent had started (it hangs at its first parallel
+region). A worker limited to one torch thread never enters a parallel region, so ``auto``
+forks workers of one thread (on Linux) and spawns the others. All workers are started in
+``start``, before the run's own threads (the store's heartbeat) exist.
 
 A worker that dies (killed, out of memory, ``os._exit``) breaks a ``ProcessPoolExecutor``:
 every job in flight fails with ``BrokenProcessPool`` and the other workers are terminated.
@@ -20,10 +27,12 @@ import multiprocessing
 import os
 import pickle
 import signal
+import sys
 import threading
 import uuid
 from collections import deque
 from concurrent.futures.process import BrokenProcessPool
+from typing import Literal
 
 from kdbench import hookimpl
 from kdbench.contracts import Executor
@@ -109,6 +118,20 @@ def _init_worker(threads: int, started) -> None:
     global _started
     _started = started
     limit_threads(threads)
+    from kdbench.training import warm_up
+
+    warm_up()  # at start, while the parent prepares the run
+
+
+def _ready() -> int:
+    return os.getpid()
+
+
+def choose_start_method(method: str, threads: int) -> str:
+    """``auto``: fork workers of one thread on Linux (see the module's docstring), else spawn."""
+    if method != "auto":
+        return method
+    return "fork" if threads == 1 and sys.platform.startswith("linux") else "spawn"
 
 
 def _call(key: str, blob: bytes, token: int, job):
@@ -126,6 +149,8 @@ class Processes(Executor):
     class Params:
         workers: int = 0  # 0 = one per CPU core
         threads: int = 0  # torch threads per worker; 0 = the cores divided between the workers
+        # auto: fork workers of one thread on Linux (ready at once), spawn the others
+        start_method: Literal["auto", "fork", "spawn", "forkserver"] = "auto"
 
         def __post_init__(self):
             check_slots(self.workers, self.threads)
@@ -133,7 +158,8 @@ class Processes(Executor):
     def __init__(self, params=None):
         super().__init__(params)
         self.workers, self.threads = resolve_slots(self.params.workers, self.params.threads)
-        self._context = multiprocessing.get_context("spawn")
+        self.start_method = choose_start_method(self.params.start_method, self.threads)
+        self._context = multiprocessing.get_context(self.start_method)
         self._pool: cf.ProcessPoolExecutor | None = None
         self._started = None
         self._processes: dict[int, multiprocessing.process.BaseProcess] = {}
@@ -142,6 +168,12 @@ class Processes(Executor):
 
     def start(self) -> None:
         self._new_pool()
+        # Start every worker now, before the run starts threads of its own (a fork context
+        # starts them all at the first job, spawn one per job while none is idle); they warm up
+        # while the run prepares.
+        for _ in range(self.workers):
+            self._pool.submit(_ready)
+        self._note_processes()
 
     def _new_pool(self) -> None:
         self._started = self._context.SimpleQueue()
