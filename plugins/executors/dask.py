@@ -57,6 +57,13 @@ from .processes import (Shipped, available_cpus, check_slots, choose_start_metho
                         resolve_slots, reuse)
 
 MISSING = 'executor dask needs dask.distributed: pip install "kdbench[dask]"'
+#: Settings of a local cluster whose every core runs a cell: Dask's own periodic work is CPU
+#: taken from the cells (tests/benchmarks/README.md: Dask against processes). The
+#: statistical profiler samples each worker's stack 100 times a
+#: second, every event loop ticks 50 times a second, nannies poll memory 10 times a second,
+#: and work stealing is moot when each worker is given a job only when it is free.
+QUIET = {"distributed.worker.profile.enabled": False, "distributed.admin.tick.interval": "1s",
+         "distributed.worker.memory.monitor-interval": "1s", "distributed.scheduler.work-stealing": False}
 
 
 def _run(key: str, blob: bytes, threads: int, job_blob: bytes):
@@ -143,12 +150,7 @@ class Dask(Executor):
             # at once, with torch and the plugins imported (a restarted worker is spawned).
             method = choose_start_method(p.start_method, self.threads)
             try:  # one task per worker process: torch, not Dask, uses the threads
-                with dask.config.set({"distributed.worker.multiprocessing-method": method,
-                                      # Dask's statistical profiler samples every worker's
-                                      # stack 100 times a second, and the nannies poll memory
-                                      # 10 times a second: CPU the cells would use.
-                                      "distributed.worker.profile.enabled": False,
-                                      "distributed.worker.memory.monitor-interval": "1s"}):
+                with dask.config.set({"distributed.worker.multiprocessing-method": method, **QUIET}):
                     self._cluster = LocalCluster(n_workers=workers, threads_per_worker=1, processes=True,
                                                  dashboard_address="127.0.0.1:0")  # any free port
                 self._client = Client(self._cluster, set_as_default=False)
