@@ -7,6 +7,7 @@ import os
 import re
 import signal
 import socket
+import sys
 import time
 
 import pytest
@@ -14,7 +15,7 @@ import torch
 
 from kdbench.errors import ConfigError, KdbenchError
 from kdbench.plugins import get_plugins
-from kdbench_plugins.executors.processes import available_cpus, resolve_slots
+from kdbench_plugins.executors.processes import available_cpus, choose_start_method, resolve_slots
 
 JOBS = list(range(8))
 
@@ -157,6 +158,46 @@ def test_processes_close_after_an_error_stops_running_jobs_and_is_idempotent():
     executor.close()
     executor.close()
     assert time.monotonic() - started < 10
+
+
+def parallel_matmul(x):
+    """Work that runs an OpenMP parallel region wherever torch has two threads or more."""
+    a = torch.randn(600, 600)
+    return os.getpid(), torch.get_num_threads(), float((a @ a).sum() * 0) + x * x
+
+
+def test_one_thread_workers_are_forked_and_ready_before_the_first_job():
+    """Forked workers of one thread (torch already imported, nothing to re-import) give the
+    results local gives; forking them is safe even from a parent whose OpenMP pool runs,
+    because a one-thread worker never enters a parallel region (a two-thread one would hang)."""
+    torch.set_num_threads(2)
+    a = torch.randn(1000, 1000)
+    (a @ a).sum()  # this process has an OpenMP pool now
+    executor = build("processes", workers=2, threads=1)
+    assert executor.start_method == ("fork" if sys.platform.startswith("linux") else "spawn")
+    def hung(*_):
+        raise TimeoutError("a forked worker hung")
+
+    previous = signal.signal(signal.SIGALRM, hung)
+    signal.alarm(120)  # a hang fails the test instead of stalling the suite
+    try:
+        executor.start()
+        assert len(executor._processes) == 2  # every worker exists before any job
+        pairs = list(executor.map(parallel_matmul, JOBS, lost))
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)
+        executor.close()
+    assert squares(pairs) == squares(build("local").map(square, JOBS, lost))
+    assert {threads for _, (_, threads, _) in pairs} == {1}
+    assert len({pid for _, (pid, _, _) in pairs}) == 2
+
+
+def test_workers_with_several_threads_are_spawned():
+    assert choose_start_method("auto", 2) == "spawn"
+    assert choose_start_method("auto", 1) == ("fork" if sys.platform.startswith("linux") else "spawn")
+    assert choose_start_method("forkserver", 1) == "forkserver"
+    assert build("processes", workers=2, threads=2).start_method == "spawn"
 
 
 def test_worker_and_thread_defaults_fill_the_machine_without_oversubscribing():

@@ -224,3 +224,34 @@ def test_a_run_killed_mid_grid_keeps_finished_cells_and_resumes(tiny_yaml, tmp_p
     assert summary.skipped == len(survivors)
     assert summary.done == 9 - len(survivors) and not summary.failed
     assert sum(r.role == "student" for r in records) == 9
+
+
+def test_cells_get_one_torch_thread_unless_told_otherwise(tiny_yaml, tmp_path):
+    """Measured on this project's grids: a second thread saves nothing on small models and
+    doubles the CPU; --threads gives more to a large one."""
+    before = torch.get_num_threads()
+    try:
+        path = tiny_yaml(TINY.replace("  kd+int8: [{distill: hinton}, {quantize: dynamic-int8}]\n", ""))
+        assert main(["run", str(path), "--store", str(tmp_path / "a.db"), "--quiet"]) == 0
+        assert main(["run", str(path), "--store", str(tmp_path / "b.db"), "--quiet", "--threads", "2"]) == 0
+    finally:
+        torch.set_num_threads(before)
+    for db, threads in (("a.db", 1), ("b.db", 2)):
+        with Store(tmp_path / db) as store:
+            assert {r.environment["threads"] for r in store.records()} == {threads}
+
+
+def test_a_task_is_loaded_once_per_process_for_every_phase_and_runner(plugins, tiny_yaml, tmp_path,
+                                                                     isolated_cache, monkeypatch):
+    """A worker runs the teacher phase and the student phase with two runners: the second
+    reuses the data the first loaded."""
+    import kdbench.runner
+
+    monkeypatch.setattr(kdbench.runner, "LOADED_DATA", {})
+    task = plugins.get("task", "digits").cls
+    loads = []
+    original = task.load
+    monkeypatch.setattr(task, "load", lambda self: loads.append(1) or original(self))
+    run(plugins, tiny_yaml(), tmp_path / "r.db", isolated_cache)
+    run(plugins, tiny_yaml(TINY.replace("seeds: [0]", "seeds: [1]")), tmp_path / "r.db", isolated_cache)
+    assert len(loads) == 1

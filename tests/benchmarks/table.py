@@ -1,0 +1,32 @@
+"""The table of ``tests/benchmarks/README.md``, from a pytest-benchmark JSON file:
+
+    python -m pytest -m slow tests/benchmarks --benchmark-json=bench.json
+    python tests/benchmarks/table.py bench.json
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+
+
+def rows(path: str) -> list[str]:
+    data = json.load(open(path))
+    machine = data.get("machine_info", {})
+    lines = [f"Machine: {machine.get('cpu', {}).get('brand_raw', '?')}, "
+             f"{machine.get('cpu', {}).get('count', '?')} logical CPUs, Python {machine.get('python_version', '?')}; "
+             f"{data.get('datetime', '')[:10]}.", "",
+             "| ratio | candidate / baseline | target | median | range | repeats | load (1-min avg, max) | met |",
+             "|---|---|---|---:|---|---:|---:|---|"]
+    for bench in data["benchmarks"]:
+        info = bench.get("extra_info") or {}
+        if "ratio" not in info:
+            continue
+        lines.append(f"| {info['ratio']} | {info['candidate']} / {info['baseline']} | {info['target']} | "
+                     f"{info['median']:.2f} | {info['min']:.2f} - {info['max']:.2f} | {info['repeats']} | "
+                     f"{info['load_max']} | {'yes' if info['met'] else 'no'} |")
+    return lines
+
+
+if __name__ == "__main__":
+    print("\n".join(rows(sys.argv[1])))
