@@ -473,13 +473,17 @@ def cmd_sensitivity(args) -> int:
         if not 0 <= index < len(items):
             raise KdbenchError(f"{flag} {index} is out of range: the experiment has {len(items)} "
                                f"(0 to {len(items) - 1})")
+    cache_dir = Path(args.cache_dir) if args.cache_dir else default_cache_dir()
+    check_dir_writable(cache_dir, "--cache-dir")  # the teacher is trained and cached first
+    if args.output:
+        check_dir_writable(Path(args.output), "--output")
     if args.threads is not None:
         import torch
         torch.set_num_threads(args.threads)
     seed = experiment.seeds[0] if args.seed is None else args.seed
     pair = experiment.pairs[args.pair]
     cell = Cell(experiment, experiment.tasks[args.task], pair, next(iter(experiment.recipes)), seed)
-    runner = CellRunner(plugins, Path(args.cache_dir) if args.cache_dir else default_cache_dir())
+    runner = CellRunner(plugins, cache_dir)
     teacher = runner.teacher(cell.teacher_job(plugins))  # trained once, then from the cache
     task = plugins.get("task", cell.task.name).build(cell.task.params)
     try:

@@ -49,3 +49,12 @@ def test_the_sensitivity_command_writes_table_csv_and_plot(tiny_yaml, tmp_path, 
     assert main(["sensitivity", str(tiny_yaml()), "--pair", "3"]) == 2
     assert "--pair 3 is out of range: the experiment has 1" in capsys.readouterr().err
     assert main(["sensitivity", str(tiny_yaml()), "--sparsities", "half"]) == 2
+
+
+@pytest.mark.parametrize("flag", ["--cache-dir", "--output"])
+def test_the_sensitivity_command_tries_the_folders_it_writes_before_training(tiny_yaml, tmp_path, capsys,
+                                                                             isolated_cache, flag):
+    path = tiny_yaml()
+    assert main(["sensitivity", str(path), flag, str(path / "sub")]) == 2
+    assert f"{flag} {path / 'sub'}: {path} is a file, not a folder" in capsys.readouterr().err
+    assert not isolated_cache.exists()  # no teacher was trained
