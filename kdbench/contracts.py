@@ -9,13 +9,14 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable, Iterable, Iterator
-from typing import Any, ClassVar, NamedTuple
-
-import torch
-from torch import nn
-from torch.utils.data import TensorDataset
+from typing import TYPE_CHECKING, Any, ClassVar, NamedTuple
 
 from .params import NoParams
+
+if TYPE_CHECKING:  # torch only in annotations: the command line's help and errors load no torch
+    import torch
+    from torch import nn
+    from torch.utils.data import TensorDataset
 
 
 class Component:
@@ -145,6 +146,8 @@ class DistillContext:
     epochs: int = 1
 
     def probe(self, batch_size: int = 2) -> tuple[Outputs, Outputs]:
+        import torch
+
         from .training import capture_features  # local: training imports this module
 
         x = self.data.train.tensors[0][:batch_size]

@@ -13,6 +13,7 @@ import ctypes
 import dataclasses
 import datetime as dt
 import functools
+import os
 import random
 import sys
 import threading
@@ -138,7 +139,7 @@ class CellRunner:
         from tqdm import tqdm
 
         bar = tqdm(total=epochs, desc=label, unit="epoch", leave=False, file=self.epoch_bars,
-                   dynamic_ncols=True, position=1)
+                   position=1, **bar_layout(self.epoch_bars))
         try:
             yield lambda row: (bar.set_postfix(loss=f"{row.get('loss', float('nan')):.3g}", refresh=False),
                                bar.update(1))
@@ -486,6 +487,17 @@ def plan_run(experiment: Experiment, store: Store | None, plugins: Plugins, retr
     return Plan(cells, status, claimed, pending, list(jobs.values()))
 
 
+def bar_layout(stream: TextIO) -> dict:
+    """tqdm's size settings for a terminal: follow its size, or 100 x 40 where it reports none
+    (a pseudo-terminal opened without a size, as ``script`` opens one): tqdm would take 0 rows
+    and hide every bar."""
+    try:
+        size = os.get_terminal_size(stream.fileno())
+    except (AttributeError, OSError, ValueError):
+        size = os.terminal_size((0, 0))
+    return {"dynamic_ncols": True} if size.columns and size.lines else {"ncols": 100, "nrows": 40}
+
+
 class Progress:
     """The grid's progress: a tqdm bar (cells done, failed, remaining, ETA) on a terminal,
     one line per finished cell otherwise (logs and CI), nothing when quiet."""
@@ -494,7 +506,7 @@ class Progress:
         self.stream, self.bar, self.failed = stream, None, 0
         if stream is not None and getattr(stream, "isatty", lambda: False)():
             from tqdm import tqdm
-            self.bar = tqdm(total=total, file=stream, unit="cell", dynamic_ncols=True, leave=True)
+            self.bar = tqdm(total=total, file=stream, unit="cell", leave=True, **bar_layout(stream))
 
     def say(self, msg: str) -> None:
         if self.bar is not None:

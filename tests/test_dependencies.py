@@ -156,3 +156,13 @@ def test_loading_every_plugin_and_parsing_an_experiment_load_no_heavy_library(st
             f"print(sorted(m for m in {HEAVY!r} if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]", out.stdout
+
+
+def test_help_and_the_command_line_itself_load_no_torch():
+    """``kdbench --help`` answers in a tenth of a second: torch loads with the first command
+    that needs a plugin."""
+    code = "import sys, kdbench.cli; print('torch' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
+    out = subprocess.run([sys.executable, "-m", "kdbench.cli", "--help"], capture_output=True, text=True)
+    assert out.returncode == 0 and "run" in out.stdout

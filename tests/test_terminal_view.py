@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import os
 import re
 
 import pytest
@@ -148,3 +149,24 @@ def test_rows_stored_before_the_load_was_recorded_show_no_load():
     assert "load during timing" not in terminal_view(summarize(frame(old)))
     assert "load during timing: max 5.0 on 4 cores" in " ".join(text.split())  # the newer row's
     assert "kd+int8 ⚠" in wide
+
+
+def test_bars_are_drawn_on_a_terminal_that_reports_no_size():
+    """``script`` and some CI runners open a pseudo-terminal of 0 x 0: tqdm would hide every
+    bar there, so the bars take 100 x 40; a terminal with a size is followed as it resizes."""
+    import fcntl
+    import pty
+    import struct
+    import termios
+
+    from kdbench.runner import bar_layout
+
+    leader, follower = pty.openpty()
+    try:
+        with open(follower, "w", closefd=False) as stream:
+            assert bar_layout(stream) == {"ncols": 100, "nrows": 40}
+            fcntl.ioctl(follower, termios.TIOCSWINSZ, struct.pack("HHHH", 50, 120, 0, 0))
+            assert bar_layout(stream) == {"dynamic_ncols": True}
+    finally:
+        os.close(leader)
+        os.close(follower)

@@ -64,7 +64,7 @@ def finished_grid(tmp_path_factory):
 
 
 CASES = {
-    "kdbench --help": (lambda grid: kdbench("--help"), 0, "<= 1.3"),
+    "kdbench --help": (lambda grid: kdbench("--help"), 0, "<= 1.3"),  # no torch: far below
     "a config error": (lambda grid: kdbench("run", "--set", "training.epoch=1"), 2, "<= 1.3"),
     "resume of a finished 20-cell grid": (lambda grid: kdbench(*grid), 0, "<= 2.0"),
     "kdbench list": (lambda grid: kdbench("list"), 0, "<= 1.3"),
