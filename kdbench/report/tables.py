@@ -178,12 +178,12 @@ def leaderboard_table(rows: pd.DataFrame, caption: str = "") -> Table:
         cells.append(line)
         nums: list[float | None] = [None] * (len(line) - len(figures) - len(relative))
         nums[columns.index("n")] = row["n"]
-        nums[columns.index(f"{label} {direction}")] = _clean(row.get(f"{figure}_mean"))
-        nums[columns.index(f"Δ vs {ref_label} [95% CI]")] = _clean(row.get("delta_mean"))
-        nums[columns.index("p")] = _clean(row.get("p_value"))
-        nums[columns.index("rank")] = _clean(row.get("rank"))
-        numbers.append(nums + [_clean(row[f"{key}_mean"]) for key, _, _ in figures]
-                       + [_clean(row[key]) for key, _ in relative])
+        nums[columns.index(f"{label} {direction}")] = finite_or_none(row.get(f"{figure}_mean"))
+        nums[columns.index(f"Δ vs {ref_label} [95% CI]")] = finite_or_none(row.get("delta_mean"))
+        nums[columns.index("p")] = finite_or_none(row.get("p_value"))
+        nums[columns.index("rank")] = finite_or_none(row.get("rank"))
+        numbers.append(nums + [finite_or_none(row[f"{key}_mean"]) for key, _, _ in figures]
+                       + [finite_or_none(row[key]) for key, _ in relative])
     return Table(columns=columns, rows=cells, caption=caption, notes=table_notes(rows, figure), numbers=numbers)
 
 
@@ -203,7 +203,8 @@ def stats_direction(rows: pd.DataFrame, figure: str) -> bool:
     return direction(figure, first["metric"], bool(first["higher_is_better"]))
 
 
-def _clean(value: Any) -> float | None:
+def finite_or_none(value: Any) -> float | None:
+    """A number as a float, or None for NaN and what is not a number (table cells)."""
     try:
         value = float(value)
     except (TypeError, ValueError):
@@ -330,4 +331,4 @@ def ranks_table(aggregate: pd.DataFrame) -> Table:
                  caption="Aggregate rank: mean of the per-group ranks over every (task, pair, protocol) group",
                  notes=["A recipe missing from some groups gets no mean rank: a mean over fewer, "
                         "perhaps easier, groups would flatter it."],
-                 numbers=[[None, _clean(r["mean_rank"]), r["groups"], None] for r in aggregate.to_dict("records")])
+                 numbers=[[None, finite_or_none(r["mean_rank"]), r["groups"], None] for r in aggregate.to_dict("records")])

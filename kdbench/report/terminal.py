@@ -10,15 +10,14 @@ view; every number is in the wide view too.
 
 from __future__ import annotations
 
-import math
 import textwrap
 from collections.abc import Sequence
 from typing import Any
 
 import pandas as pd
 
-from .tables import (BUSY, BUSY_NOTE, ProtocolGroup, _differs_from_teacher, busy, is_fraction, mark,
-                     protocol_groups, protocol_line, stats_direction)
+from .tables import (BUSY, BUSY_NOTE, ProtocolGroup, _differs_from_teacher, busy, finite_or_none, is_fraction,
+                     mark, protocol_groups, protocol_line, stats_direction)
 
 #: The width every line but a table's rows is wrapped to; the quickstart's rows fit in it too.
 WIDTH = 100
@@ -135,7 +134,7 @@ def _metric_texts(records: list[dict[str, Any]], figure: str) -> dict[int, str]:
     scale, digits = (100, 2) if is_fraction(figure) else (1, 3)
     parts = {}
     for r in records:
-        mean, std, ci = (_clean(r.get(f"{figure}_{s}")) for s in ("mean", "std", "ci95"))
+        mean, std, ci = (finite_or_none(r.get(f"{figure}_{s}")) for s in ("mean", "std", "ci95"))
         if mean is None:
             parts[id(r)] = ("-", "", "")
             continue
@@ -151,7 +150,7 @@ def _delta_texts(records: list[dict[str, Any]], figure: str) -> dict[int, str]:
     scale, digits = (100, 2) if is_fraction(figure) else (1, 3)
     parts = {}
     for r in records:
-        delta = _clean(r.get("delta_mean"))
+        delta = finite_or_none(r.get("delta_mean"))
         if r["is_teacher"] or r.get("reference") is None:
             parts[id(r)] = ("-", "")
         elif delta is None:
@@ -175,16 +174,8 @@ def _aligned(parts: dict[int, tuple[str, ...]], right: list[bool]) -> dict[int, 
 
 
 def _ratio(value: Any) -> str:
-    value = _clean(value)
+    value = finite_or_none(value)
     return "-" if value is None else f"{value:.2f}×"
-
-
-def _clean(value: Any) -> float | None:
-    try:
-        value = float(value)
-    except (TypeError, ValueError):
-        return None
-    return None if math.isnan(value) else value
 
 
 def _keep(text: str) -> str:
