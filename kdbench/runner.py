@@ -28,6 +28,7 @@ import torch
 from torch import nn
 
 from .config import COMPRESSOR_KIND, Cell, Experiment, TeacherJob, as_dict, digest, parse_ref
+from . import stage_cache
 from .contracts import CompressionContext, DistillContext, TaskData
 from .environment import environment
 from .measure import export, measure
@@ -356,7 +357,20 @@ class CellRunner:
         # A seeded sample of the training split, the same for every recipe of a seed.
         order = torch.randperm(len(data.train), generator=torch.Generator().manual_seed(cell.seed))
         calibration = order[:calibration_size]
-        for stage in cell.stages:
+        # Leading training stages another recipe has already run for this seed are loaded.
+        prefixes = {k: stage_cache.prefix_key(cell, self.plugins, k, self.device, self.precision)
+                    for k in stage_cache.training_prefixes(cell)}
+        done = 0
+        for k in sorted(prefixes, reverse=True):
+            saved = stage_cache.load(self.cache_dir, prefixes[k])
+            if saved is not None:
+                model.load_state_dict(saved.state)
+                log = [{**entry, "from_cache": True} for entry in saved.entries]
+                extra_params = saved.extra_params
+                stage_cache.restore(saved.rng)
+                done = k
+                break
+        for index, stage in enumerate(cell.stages[done:], start=done + 1):
             start = time.perf_counter()
             entry: dict[str, Any] = {"op": stage.op, "name": stage.ref.name if stage.ref else None}
             if stage.op == "init":
@@ -389,6 +403,9 @@ class CellRunner:
                 entry["teacher_outputs"] = outputs_log[:]
                 outputs_log.clear()
             log.append(entry)
+            if index in prefixes:
+                stage_cache.save(self.cache_dir, prefixes[index], model,
+                                 [{k: v for k, v in e.items() if k != "from_cache"} for e in log], extra_params)
 
         deployable = export(model)
         teacher_logits = self.teacher_test_logits(job, teacher_family, cell.task, teacher.model, data,

@@ -266,3 +266,26 @@ def test_a_huge_learning_rate_stops_at_its_first_non_finite_step(digits):
                                                  r"term 'ce' is (nan|inf)"):
         fit(nn.Sequential(nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, 10)), data, task,
             Training(epochs=3, batch_size=64, optimizer="sgd", lr=1e30), seed=0)
+
+
+def test_a_corrupt_shared_stage_result_is_ignored_and_the_stages_train_again(plugins, tiny_yaml, tmp_path,
+                                                                            isolated_cache):
+    """A cached stage result that fails its sha256 is never loaded: the cell trains its stages
+    itself, with the same result, and writes a good file."""
+    from kdbench.runner import run_experiment
+    from kdbench.stage_cache import FOLDER
+    from kdbench.store import Store
+
+    text = TINY.replace("  kd+int8: [{distill: hinton}, {quantize: dynamic-int8}]\n", "")
+    experiment = load_experiment(tiny_yaml(text), plugins)
+    with Store(tmp_path / "a.db") as store:
+        run_experiment(experiment, store, plugins, isolated_cache, progress=None)
+        first = {r.recipe: r.metrics["test_accuracy"] for r in store.records() if r.role == "student"}
+    for path in (isolated_cache / FOLDER).glob("*.pt"):
+        path.write_bytes(path.read_bytes()[:-10])  # truncated
+    with pytest.warns(UserWarning, match="stage result .* is unusable"), Store(tmp_path / "b.db") as store:
+        experiment = load_experiment(tiny_yaml(text.replace("name: tiny", "name: again")), plugins)
+        run_experiment(experiment, store, plugins, isolated_cache, progress=None)
+        again = {r.recipe: r.metrics["test_accuracy"] for r in store.records() if r.role == "student"}
+        assert not any(e.get("from_cache") for r in store.records() if r.role == "student" for e in r.stages)
+    assert again == first

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import re
+import shutil
 import signal
 import sqlite3
 import subprocess
@@ -255,3 +256,37 @@ def test_a_task_is_loaded_once_per_process_for_every_phase_and_runner(plugins, t
     run(plugins, tiny_yaml(), tmp_path / "r.db", isolated_cache)
     run(plugins, tiny_yaml(TINY.replace("seeds: [0]", "seeds: [1]")), tmp_path / "r.db", isolated_cache)
     assert len(loads) == 1
+
+
+SHARED = TINY.replace("""  kd+int8: [{distill: hinton}, {quantize: dynamic-int8}]
+""", """  kd+int8: [{distill: {name: hinton, temperature: 4, alpha: 0.9}}, {quantize: dynamic-int8}]
+  kd+ft: [{distill: {name: hinton, temperature: 4, alpha: 0.9}}, {finetune: {epochs: 2}}]
+  kd+ft+prune: [{distill: {name: hinton, temperature: 4, alpha: 0.9}}, {finetune: {epochs: 2}}, {prune: {name: magnitude, sparsity: 0.5}}]
+""")
+
+
+def test_recipes_that_begin_alike_train_their_shared_stages_once_with_the_same_results(
+        plugins, tiny_yaml, tmp_path):
+    """kd, kd+int8, kd+ft and kd+ft+prune share their first stage (and the last two their
+    first two): those run once per seed; each cell's figures are those it gets alone."""
+    from kdbench.stage_cache import FOLDER
+
+    together = tmp_path / "together"
+    _, records = run(plugins, tiny_yaml(SHARED), tmp_path / "a.db", together)
+    shared = {r.recipe: r for r in records if r.role == "student"}
+    assert len(list((together / FOLDER).glob("*.pt"))) == 3  # scratch, kd's distill, kd+ft's two stages
+    assert [e.get("from_cache", False) for e in shared["kd+int8"].stages] == [True, False]
+    assert [e.get("from_cache", False) for e in shared["kd+ft+prune"].stages] == [True, True, False]
+    assert shared["kd+int8"].stages[0]["history"] == shared["kd"].stages[0]["history"]
+    timed = ("seconds", "latency", "_ms", "per_s", "speedup", "load", "cpu_count")
+    for recipe in ("kd+int8", "kd+ft+prune"):
+        alone = SHARED.split("recipes:")[0] + "recipes:\n  " + next(
+            line.strip() for line in SHARED.splitlines() if line.strip().startswith(f"{recipe}:")) + \
+            "\ntraining:" + SHARED.split("training:")[1]
+        shutil.rmtree(together / FOLDER)  # the teacher stays cached; the shared stages do not
+        _, records = run(plugins, tiny_yaml(alone, f"{recipe}.yaml"), tmp_path / f"{recipe}.db", together)
+        [cell] = [r for r in records if r.role == "student"]
+        assert not any(e.get("from_cache") for e in cell.stages)
+        ours = {k: v for k, v in shared[recipe].metrics.items() if not any(t in k for t in timed)}
+        theirs = {k: v for k, v in cell.metrics.items() if not any(t in k for t in timed)}
+        assert ours == theirs
