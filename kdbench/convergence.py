@@ -13,7 +13,8 @@ stage of ``E`` epochs with window ``w = max(1, ceil(0.2 E))``:
 
 The improvement is recorded relative to the earlier best (0.012: 1.2 % better in the last
 20 %; negative: the last epochs never matched the earlier best), so it reads against the
-tolerance directly.
+tolerance directly. A compressor's own fine-tuning between its steps (gradual pruning) is
+not judged: each call restarts from a model the compressor has just changed.
 """
 
 from __future__ import annotations

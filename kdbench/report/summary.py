@@ -159,7 +159,7 @@ def summarize(df: pd.DataFrame, reference: str | None = None, metric: str | None
     out = _compare(out, _task_metric_withheld(out, seeds, metric), reference, metric)
     out = _relative(out)
     out.loc[~out.metric_applies, "retained_pct"] = math.nan  # a share of a metric that does not apply
-    out = _rank_and_front(out, metric)
+    out = _rank_and_front(out)
     # Teacher rows first within each (task, teacher); then recipes in the experiment's order.
     out = out.sort_values(["experiment", "task", "teacher", "fingerprint", "is_teacher", "_order"],
                           ascending=[True, True, True, True, False, True], kind="stable")
@@ -306,10 +306,9 @@ def _relative(out: pd.DataFrame) -> pd.DataFrame:
     return out.assign(**extra)
 
 
-def _rank_and_front(out: pd.DataFrame, metric: str | None = None) -> pd.DataFrame:
+def _rank_and_front(out: pd.DataFrame) -> pd.DataFrame:
     """Ranks per pair and Pareto fronts per (task, protocol). Rows whose task metric does not
-    apply are ranked on it with no one and kept off both fronts (their quality is the task
-    metric). Simulated rows (masks, fake quantization) take the pooled latency of the dense
+    apply get no rank on it and stay off both fronts (whose quality axis is the task metric). Simulated rows (masks, fake quantization) take the pooled latency of the dense
     model they simulate and are never on the latency front, nor push a row off it."""
     out = out.copy()
     out["rank"] = math.nan
