@@ -49,8 +49,24 @@ class Training:
     label_smoothing: float = 0.0
     grad_clip: float = 0.0  # max gradient norm; 0 = off
     checkpoint: Literal["best", "last"] = "best"  # best = best validation metric
+    # A stage is still improving when the best validation value of its last 20 % of epochs
+    # beats the best before by more than this share of that best (kdbench/convergence.py).
+    # 0.005: on digits' 360-example validation split one example is 0.28 points, 0.31 % of a
+    # 90 % best, so a best that moved by one example (noise) passes as flat and a gain of two
+    # examples or more is flagged; on larger splits it asks for a real half-percent gain.
+    converge_tolerance: float = 0.005
+    require_converged: bool = False  # fail a cell whose trained stage was still improving
+
+    #: Fields added after results were stored: hashed only when set away from their default,
+    #: so that stores written before keep their cell ids (see ``training_spec``).
+    ADDED_LATER: ClassVar[tuple[str, ...]] = ("converge_tolerance", "require_converged")
+    #: Fields that judge a training run and leave its weights alone: no part of a teacher's
+    #: cache key, nor of the budget a protocol compares.
+    JUDGING: ClassVar[tuple[str, ...]] = ("converge_tolerance", "require_converged")
 
     def __post_init__(self):
+        if self.converge_tolerance < 0:
+            raise ValueError(f"converge_tolerance must be >= 0 (0: any gain counts), got {self.converge_tolerance}")
         if self.epochs < 0 or self.batch_size < 1 or self.lr <= 0:
             raise ValueError("epochs must be >= 0, batch_size >= 1 and lr > 0")
         if not 0 <= self.label_smoothing < 1 or self.grad_clip < 0 or self.warmup_epochs < 0:
@@ -144,7 +160,7 @@ class Stage:
         if self.ref is not None:
             out[self.ref.kind] = self.ref.spec()
         if self.op in TRAINING_OPS and base is not None:
-            out["training"] = dataclasses.asdict(self.resolve_training(base))
+            out["training"] = training_spec(self.resolve_training(base))
         if self.source:
             out["source"] = self.source
         return out
@@ -189,12 +205,26 @@ class Experiment:
     executor: Ref | None
     source: str
     teacher_cache: TeacherCache | None = None
+    #: A recipe's declared main figure (``report:`` of its mapping form), where its task
+    #: metric does not apply (an untrained head): what its rows show and are read by.
+    reports: Mapping[str, str] = dataclasses.field(default_factory=dict)
 
     def cells(self) -> list["Cell"]:
         """The grid: task x pair x recipe x seed, in that nesting order."""
         return [Cell(self, task, pair, recipe, seed)
                 for task in self.tasks for pair in self.pairs
                 for recipe in self.recipes for seed in self.seeds]
+
+
+def training_spec(training: Training, judging: bool = True) -> dict[str, Any]:
+    """A training as stored and hashed: ``Training.ADDED_LATER`` fields only when set away
+    from their default (as ``measure_spec``); without ``judging``, never the fields that only
+    judge the run (``Training.JUDGING``)."""
+    out = dataclasses.asdict(training)
+    for key in Training.ADDED_LATER:
+        if out[key] == Training.__dataclass_fields__[key].default or (not judging and key in Training.JUDGING):
+            del out[key]
+    return out
 
 
 def measure_spec(measure: Measure) -> dict[str, Any]:
@@ -234,9 +264,10 @@ class TeacherJob:
     seed: int
 
     def config(self) -> dict[str, Any]:
-        """Everything that determines the trained teacher's weights."""
+        """Everything that determines the trained teacher's weights (not how its training is
+        judged: a teacher is cached once whatever ``require_converged`` says)."""
         return {"kdbench": __version__, "task": self.task.spec(), "teacher": self.teacher.spec(),
-                "training": dataclasses.asdict(self.training), "seed": self.seed,
+                "training": training_spec(self.training, judging=False), "seed": self.seed,
                 "plugins": {r.plugin: r.version for r in (self.task, self.teacher)}}
 
     @property
@@ -245,9 +276,12 @@ class TeacherJob:
 
     @property
     def cell_id(self) -> str:
-        """The teacher's own leaderboard row, measured under this experiment's protocol."""
+        """The teacher's own leaderboard row, measured under this experiment's protocol and
+        judged by its convergence settings (those only when set away from their defaults)."""
+        judging = {k: v for k, v in training_spec(self.training).items() if k in Training.JUDGING}
         return digest({"teacher": self.config(), "experiment": self.experiment.name,
-                       "measure": measure_spec(self.experiment.measure)})
+                       "measure": measure_spec(self.experiment.measure),
+                       **({"judging": judging} if judging else {})})
 
     def labels(self) -> dict[str, Any]:
         return {"task": self.task.label(), "teacher": self.teacher.label(), "student": "-",
@@ -299,10 +333,13 @@ class Cell:
                 "teacher_key": self.teacher_job(plugins).teacher_key,
                 "measure": measure_spec(self.experiment.measure),
                 "plugins": {r.plugin: r.version for r in refs},
-                "budget": dataclasses.asdict(base), "task_plugin": self.task.plugin,
+                "budget": training_spec(base, judging=False), "task_plugin": self.task.plugin,
                 # Only when set: the cache's tail approximation changes what distillers see.
                 **({"teacher_cache": dataclasses.asdict(self.experiment.teacher_cache)}
-                   if self.experiment.teacher_cache else {})}
+                   if self.experiment.teacher_cache else {}),
+                # Only when declared: recipes of the list form keep their ids.
+                **({"report": self.experiment.reports[self.recipe]}
+                   if self.recipe in self.experiment.reports else {})}
 
     def student_training(self, plugins: Plugins) -> Training:
         """The base of the student's training stages: task budget < file < this pair."""
@@ -416,8 +453,9 @@ def parse_experiment(raw: Any, plugins: Plugins, source: str = "<experiment>") -
     recipes_raw = raw["recipes"]
     if not isinstance(recipes_raw, Mapping) or not recipes_raw:
         raise ConfigError("'recipes' must map recipe names to lists of stages", "recipes")
-    recipes = {str(rname): parse_recipe(plugins, stages, f"recipes.{rname}")
-               for rname, stages in recipes_raw.items()}
+    forms = {str(rname): recipe_form(value, f"recipes.{rname}") for rname, value in recipes_raw.items()}
+    recipes = {rname: parse_recipe(plugins, stages, f"recipes.{rname}" + (".stages" if mapped else ""))
+               for rname, (stages, _, mapped) in forms.items()}
 
     training = _mapping(raw.get("training") or {}, "training")
     parse_params(Training, training, "training")  # checks keys and types now, before any work
@@ -429,8 +467,11 @@ def parse_experiment(raw: Any, plugins: Plugins, source: str = "<experiment>") -
     cache = raw.get("teacher_cache")
     teacher_cache = (parse_params(TeacherCache, _mapping(cache, "teacher_cache"), "teacher_cache")
                      if cache is not None else None)
+    reports = {rname: report for rname, (_, report, _) in forms.items() if report is not None}
+    for rname, report in reports.items():
+        check_main_figure(report, measure, f"recipes.{rname}.report")
     return Experiment(name.strip(), tuple(seeds), tasks, pairs, recipes, training, measure,
-                      executor, source, teacher_cache)
+                      executor, source, teacher_cache, reports)
 
 
 def parse_ref(plugins: Plugins, kind: str, raw: Any, where: str) -> Ref:
@@ -463,6 +504,42 @@ def parse_pair(plugins: Plugins, raw: Any, where: str) -> Pair:
                 parse_ref(plugins, "model", raw["student"], f"{where}.student"),
                 _mapping(raw.get("teacher_training") or {}, f"{where}.teacher_training"),
                 _mapping(raw.get("student_training") or {}, f"{where}.student_training"))
+
+
+#: Keys of a recipe written as a mapping: ``{stages: [...], report: probe_accuracy}``.
+RECIPE_KEYS = ("stages", "report")
+#: Figures a recipe may declare as its main one, and the measure setting each needs.
+MAIN_FIGURES = {"probe_accuracy": "probe", "teacher_cka": "probe", "teacher_cosine": "probe",
+                "teacher_agreement": None, "teacher_kl": None}
+
+
+def recipe_form(raw: Any, where: str) -> tuple[Any, str | None, bool]:
+    """A recipe's stages, its declared main figure and whether it was written as a mapping:
+    a list of stages, or ``{stages: [...], report: FIGURE}`` for a recipe whose task metric
+    does not apply (an untrained head) and is read by another figure."""
+    if not isinstance(raw, Mapping):
+        return raw, None, False
+    for key in raw:
+        if key not in RECIPE_KEYS:
+            raise ConfigError(unknown("recipe key", key, RECIPE_KEYS), f"{where}.{key}")
+    if "stages" not in raw:
+        raise ConfigError("a recipe written as a mapping needs 'stages' (its list of stages), "
+                          "e.g. {stages: [train], report: probe_accuracy}", where)
+    report = raw.get("report")
+    if report is not None and not isinstance(report, str):
+        raise ConfigError(f"'report' names one figure ({', '.join(MAIN_FIGURES)}), got {report!r}",
+                          f"{where}.report")
+    return raw["stages"], report, True
+
+
+def check_main_figure(figure: str, measure: Measure, where: str) -> None:
+    """A declared main figure must be one the cells measure."""
+    if figure not in MAIN_FIGURES:
+        raise ConfigError(unknown("main figure", figure, MAIN_FIGURES), where)
+    needs = MAIN_FIGURES[figure]
+    if needs and not getattr(measure, needs):
+        raise ConfigError(f"'{figure}' is measured only with measure: {{{needs}: true}}; set it, "
+                          "or declare another figure", where)
 
 
 def parse_recipe(plugins: Plugins, raw: Any, where: str) -> tuple[Stage, ...]:

@@ -30,12 +30,13 @@ from torch import nn
 from .config import COMPRESSOR_KIND, Cell, Experiment, TeacherJob, as_dict, digest, parse_ref
 from . import stage_cache
 from .contracts import CompressionContext, DistillContext, TaskData
+from .convergence import NotConverged, not_converged_message, row_converged, stage_convergence
 from .environment import environment
 from .measure import export, measure
 from .plugins import Plugins
 from .store import Record, Store
 from .teachers import CachedTeacher, obtain_teacher
-from .training import Tapped, Teacher, fit, predict, warm_up
+from .training import Tapped, Teacher, UpdateTracker, fit, predict, warm_up
 
 
 @dataclasses.dataclass
@@ -213,8 +214,15 @@ class CellRunner:
                 metrics.update(self.probe_figures(cached.model, family, self.data(job.task), job.seed))
             stage = {"history": cached.history}
             metrics.update(epoch_figures([stage], task.metric))
+            verdict = stage_convergence(cached.history, task.metric, task.higher_is_better,
+                                        job.training.converge_tolerance)
+            if verdict.converged is not None:
+                metrics["converged"] = row_converged([verdict.converged])
+            if job.training.require_converged and verdict.converged is False:
+                raise NotConverged(not_converged_message(f"teacher {job.teacher.label()} train", verdict,
+                                                         job.training.converge_tolerance))
             return metrics, [{"op": "train", "seconds": cached.train_seconds,
-                              "from_cache": cached.from_cache, "history": cached.history}]
+                              "from_cache": cached.from_cache, "history": cached.history, **verdict.log()}]
 
         return self._guarded(job.labels(), job.config, job.cell_id, job.experiment.name, "teacher", body)
 
@@ -332,6 +340,9 @@ class CellRunner:
         log: list[dict] = []
         outputs_log: list[dict] = []  # teacher outputs cached or read, per training stage
         extra_params = 0
+        updates = UpdateTracker()  # which parameters training changed (is the head trained?)
+        from_teacher = cell.stages[0].op == "init"  # the weights, head included, are the trained teacher's
+        example = data.train.tensors[0][:2]
 
         def train(model: nn.Module, training, ref) -> list[dict]:
             """Train in place, with the distiller of ``ref`` if given; adapters are counted."""
@@ -347,7 +358,8 @@ class CellRunner:
                 extra_params += sum(p.numel() for m in extra for p in m.parameters())
                 outputs = self.teacher_outputs(cell, job, teacher_family, cached.model, distiller, data,
                                                outputs_log)
-            with self.epoch_bar(training.epochs, f"{cell.recipe} seed {cell.seed}") as on_epoch:
+            with self.epoch_bar(training.epochs, f"{cell.recipe} seed {cell.seed}") as on_epoch, \
+                    updates.watch(model, example):
                 return fit(model, data, task, training, cell.seed, distiller=distiller, teacher=teacher,
                            student=student, extra_modules=extra, device=self.device,
                            precision=self.precision,
@@ -367,6 +379,7 @@ class CellRunner:
                 model.load_state_dict(saved.state)
                 log = [{**entry, "from_cache": True} for entry in saved.entries]
                 extra_params = saved.extra_params
+                updates.restore(saved.updates)
                 stage_cache.restore(saved.rng)
                 done = k
                 break
@@ -376,7 +389,15 @@ class CellRunner:
             if stage.op == "init":
                 entry["source"] = stage.source
             elif stage.op in ("train", "distill", "finetune"):
-                entry["history"] = train(model, stage.resolve_training(base), stage.ref)
+                training = stage.resolve_training(base)
+                entry["history"] = train(model, training, stage.ref)
+                verdict = stage_convergence(entry["history"], task.metric, task.higher_is_better,
+                                            training.converge_tolerance)
+                if not (from_teacher or updates.head_trained()):
+                    verdict = verdict.withheld()  # the validation metric reads an untrained head
+                entry.update(verdict.log())
+                if training.require_converged and verdict.converged is False:
+                    raise NotConverged(not_converged_message(stage.label(), verdict, training.converge_tolerance))
             else:
                 compressor = self.plugins.get(COMPRESSOR_KIND[stage.op], stage.ref.name).build(stage.ref.params)
                 if stage.op != "prune":
@@ -405,7 +426,8 @@ class CellRunner:
             log.append(entry)
             if index in prefixes:
                 stage_cache.save(self.cache_dir, prefixes[index], model,
-                                 [{k: v for k, v in e.items() if k != "from_cache"} for e in log], extra_params)
+                                 [{k: v for k, v in e.items() if k != "from_cache"} for e in log], extra_params,
+                                 updates.state())
 
         deployable = export(model)
         teacher_logits = self.teacher_test_logits(job, teacher_family, cell.task, teacher.model, data,
@@ -420,12 +442,32 @@ class CellRunner:
         metrics["teacher_train_seconds"] = cached.train_seconds
         metrics["extra_train_params"] = extra_params
         metrics["materialized"] = all(e.get("materialized", True) for e in log)
+        metrics.update(training_figures(log, updates, from_teacher))
         if cell.experiment.measure.probe:
             metrics.update(self.probe_figures(
                 deployable, family, data, cell.seed, teacher.model, (teacher.feature_points or [None])[-1],
                 (self.teacher_identity(job, teacher_family), digest(cell.task.spec()))))
         metrics.update(epoch_figures(log, task.metric))
         return metrics, log
+
+
+def training_figures(log: list[dict], updates: UpdateTracker, from_teacher: bool) -> dict[str, float]:
+    """A cell's verdicts on its training: ``converged`` (1.0 when every judged training stage
+    had stopped improving, 0.0 when one had not; absent when none was judged), ``head_trained``
+    (1.0 when training changed the head, or the weights are a copy of the trained teacher's)
+    and ``never_updated_params``, the count of parameters no training changed, whose names the
+    log of the last trained stage lists (``never_updated``, with the ``head`` module)."""
+    out: dict[str, float] = {}
+    converged = row_converged([e.get("converged") for e in log if e.get("op") in ("train", "distill", "finetune")])
+    if converged is not None:
+        out["converged"] = converged
+    if updates.trained:
+        never = updates.never_updated()
+        last = next((e for e in reversed(log) if "history" in e), log[-1])
+        last.update(never_updated=never, head=updates.head)
+        out["never_updated_params"] = float(len(never))
+        out["head_trained"] = 1.0 if from_teacher or updates.head_trained() else 0.0
+    return out
 
 
 def epoch_figures(log: list[dict], metric: str) -> dict[str, float]:

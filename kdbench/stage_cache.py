@@ -9,7 +9,8 @@ recipe starts with a saved prefix loads it instead of training it again.
 What is saved is what makes the rest of the cell run exactly as it would have: the weights,
 the stage log (histories, seconds, teacher-output reads: the row reports the training its
 model received, ``from_cache`` marking the stages it did not rerun), the adapters' parameter
-count, and the random generators' states after the prefix. The key hashes everything the
+count, which parameters training changed (is the head trained?), and the random generators'
+states after the prefix. The key hashes everything the
 prefix's result depends on: task, student, teacher (its cache key), the prefix's resolved
 stages, seed, the teacher-output cache setting, device, precision and the plugin versions. A
 file is written atomically with its sha256 and checked on load (see ``teachers``); a bad one is
@@ -64,6 +65,7 @@ class Prefix:
     entries: list[dict[str, Any]]
     extra_params: int
     rng: dict[str, Any]
+    updates: dict[str, Any]  # ``training.UpdateTracker.state()``: which parameters training changed
 
 
 def generators() -> dict[str, Any]:
@@ -97,12 +99,16 @@ def load(cache_dir: Path, key: str) -> Prefix | None:
         warnings.warn(f"cached stage result {path} is unusable: {err}; training the stages again",
                       stacklevel=2)
         return None
-    return Prefix(saved["state"], saved["entries"], saved["extra_params"], saved["rng"])
+    try:
+        return Prefix(saved["state"], saved["entries"], saved["extra_params"], saved["rng"], saved["updates"])
+    except (KeyError, TypeError):  # written by an earlier kdbench in another layout: train again
+        return None
 
 
-def save(cache_dir: Path, key: str, model: nn.Module, entries: list[dict], extra_params: int) -> None:
+def save(cache_dir: Path, key: str, model: nn.Module, entries: list[dict], extra_params: int,
+         updates: dict[str, Any]) -> None:
     payload = {"state": model.state_dict(), "entries": entries, "extra_params": extra_params,
-               "rng": generators()}
+               "rng": generators(), "updates": updates}
     buffer = io.BytesIO()
     torch.save(payload, buffer)
     write_verified(path_of(cache_dir, key), lambda tmp: Path(tmp).write_bytes(buffer.getvalue()))

@@ -288,3 +288,75 @@ def fit(model: nn.Module, data: TaskData, task: Task, training: Training, seed: 
     elif history:
         history[-1]["chosen"] = True
     return history
+
+
+def output_module(model: nn.Module, example: torch.Tensor) -> str | None:
+    """The module that produces the logits: the last module with parameters of its own that a
+    forward pass over ``example`` calls (a head after a parameter-free pooling or dropout is
+    still found; None for a model without parameters)."""
+    order: list[str] = []
+    handles = [module.register_forward_hook(lambda _m, _i, _o, name=name: order.append(name))
+               for name, module in model.named_modules() if next(module.parameters(recurse=False), None) is not None]
+    was_training = model.training
+    try:
+        with torch.no_grad():
+            model.eval()(example)
+    finally:
+        for handle in handles:
+            handle.remove()
+        model.train(was_training)
+    return order[-1] if order else None
+
+
+class UpdateTracker:
+    """Which parameters a cell's training ever changed, bit for bit, and whether the module
+    that produces the logits (its head) was among them.
+
+    A recipe whose losses never reach the head (an embedding-only distiller with its label and
+    logit terms off) leaves it exactly at its initial values; its task metric then means
+    nothing, and reports must not rank it on it. Each ``watch`` compares the parameters before
+    and after one training call by name; a name a compressor introduced (``weight_orig``)
+    counts from the call that first sees it.
+    """
+
+    def __init__(self) -> None:
+        self.updated: set[str] = set()
+        self.names: list[str] = []  # the parameters after the last training call
+        self.head: str | None = None
+        self.head_params: list[str] = []
+
+    @contextlib.contextmanager
+    def watch(self, model: nn.Module, example: torch.Tensor) -> Iterator[None]:
+        before = {name: p.detach().clone() for name, p in model.named_parameters()}
+        yield
+        self.names = []
+        for name, p in model.named_parameters():
+            self.names.append(name)
+            if name not in before or not torch.equal(before[name], p.detach()):
+                self.updated.add(name)
+        self.head = output_module(model, example)
+        module = model.get_submodule(self.head) if self.head is not None else None
+        self.head_params = ([f"{self.head}.{n}" if self.head else n for n, _ in module.named_parameters(recurse=False)]
+                            if module is not None else [])
+
+    def state(self) -> dict:
+        """What it has seen so far, as plain data (saved with a cached training prefix)."""
+        return {"updated": sorted(self.updated), "names": list(self.names), "head": self.head,
+                "head_params": list(self.head_params)}
+
+    def restore(self, state: dict) -> None:
+        self.updated, self.names = set(state["updated"]), list(state["names"])
+        self.head, self.head_params = state["head"], list(state["head_params"])
+
+    @property
+    def trained(self) -> bool:
+        """Whether any training call was watched."""
+        return bool(self.names)
+
+    def never_updated(self) -> list[str]:
+        """Parameters of the last trained model that no training call changed."""
+        return [name for name in self.names if name not in self.updated]
+
+    def head_trained(self) -> bool:
+        """Whether training changed any parameter of the head (True without a head)."""
+        return not self.head_params or any(name in self.updated for name in self.head_params)

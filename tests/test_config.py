@@ -4,6 +4,7 @@ work with a message that names the file, the path in it and the fix."""
 from __future__ import annotations
 
 import copy
+import re
 
 import pytest
 import yaml
@@ -176,3 +177,89 @@ def test_integers_in_float_notation_and_numbers_as_strings(plugins):
         load_experiment(None, plugins, ["training.lr=fast"])
     with pytest.raises(ConfigError, match="expected an integer"):
         load_experiment(None, plugins, ["training.epochs=2.5"])
+
+
+#: The quickstart's cell ids, teacher row ids and teacher cache keys as kdbench 0.1.0 computed
+#: them before ``Training`` gained its convergence settings. A store written then must resume
+#: as it is: at their defaults, settings added later take no part in any id. (They change, on
+#: purpose, with kdbench's version or a plugin's, which every id hashes.)
+QUICKSTART_IDS = ['4e8a7922d2fc23c9', '0b687c4ce3b7f374', 'bcb22fd297c0944e', 'ce6b4dd6dc549d4c',
+                  '1237c3c8ba48c257', '615fc56b78d64d2e', 'b0324fad2ea0f960', '2f9044ad4a21c4c6',
+                  '6bc3b39e6cd05373', 'ab8f1aa5610a6449', '20bde45d35017265', '3365f12c7ab7effc',
+                  '5c761333fe05baf3', 'aa5d523695e22151', '71721ee0af6d1f7d', '1a83477a5bdc84d4',
+                  '969c476563f0b521', '098b23e0d21edefe']
+QUICKSTART_TEACHER_IDS = ['016b3471e8674e17', '6fb145595eee84ec', 'b28a0913fa029d61']
+QUICKSTART_TEACHER_KEYS = ['ac3358c57f529ab4', 'c0a8c12ba23211af', 'e58cabb6362d642a']
+
+
+def test_the_quickstarts_cell_ids_are_those_its_stores_hold(plugins):
+    cells = load_experiment(None, plugins).cells()
+    assert [c.cell_id(plugins) for c in cells] == QUICKSTART_IDS
+    assert sorted({c.teacher_job(plugins).cell_id for c in cells}) == QUICKSTART_TEACHER_IDS
+    assert sorted({c.teacher_job(plugins).teacher_key for c in cells}) == QUICKSTART_TEACHER_KEYS
+    stage = cells[0].config(plugins)["stages"][0]["training"]
+    assert "converge_tolerance" not in stage and "require_converged" not in stage
+
+
+def test_convergence_settings_are_validated_and_hashed_only_when_set(plugins):
+    from kdbench.report.protocol import fingerprint, protocol
+    from kdbench.store import Record
+
+    with pytest.raises(ConfigError, match="converge_tolerance must be >= 0"):
+        load_experiment(None, plugins, ["training.converge_tolerance=-0.1"])
+    with pytest.raises(ConfigError, match="expected a boolean|expected true or false|bool"):
+        load_experiment(None, plugins, ["training.require_converged=maybe"])
+    strict = load_experiment(None, plugins, ["training.require_converged=true", "training.converge_tolerance=0"])
+    cells, plain = strict.cells(), load_experiment(None, plugins).cells()
+    training = cells[0].config(plugins)["stages"][0]["training"]
+    assert training["require_converged"] is True and training["converge_tolerance"] == 0
+    assert not {c.cell_id(plugins) for c in cells} & set(QUICKSTART_IDS)  # judged otherwise: other rows
+    # The teacher's weights do not depend on how its training is judged: one cached teacher...
+    assert {c.teacher_job(plugins).teacher_key for c in cells} == set(QUICKSTART_TEACHER_KEYS)
+    # ...whose own row, judged otherwise, is another row.
+    assert not {c.teacher_job(plugins).cell_id for c in cells} & set(QUICKSTART_TEACHER_IDS)
+
+    # Judging is no part of the budget rows are compared under: one protocol, one table.
+    def fp(cell):
+        return fingerprint(protocol(Record("x", "e", "student", "t", "a", "b", "r", 0, "done", {},
+                                           cell.config(plugins), [], {}, "", "")))
+    assert fp(cells[0]) == fp(plain[0])
+
+
+def test_a_recipe_may_declare_its_main_figure_in_the_mapping_form(plugins, tiny_yaml):
+    text = TINY.replace("kd: [{distill: {name: hinton, temperature: 4, alpha: 0.9}}]",
+                        "kd: {stages: [{distill: {name: hinton, temperature: 4, alpha: 0.9}}], "
+                        "report: teacher_agreement}")
+    plain, mapped = load_experiment(tiny_yaml(), plugins), load_experiment(tiny_yaml(text), plugins)
+    assert mapped.reports == {"kd": "teacher_agreement"} and plain.reports == {}
+    assert mapped.recipes["kd"] == plain.recipes["kd"]
+    ids = {c.recipe: c.cell_id(plugins) for c in plain.cells()}
+    new = {c.recipe: c.cell_id(plugins) for c in mapped.cells()}
+    # List-form recipes keep their ids; the declaration is part of the recipe's own.
+    assert new["scratch"] == ids["scratch"] and new["kd+int8"] == ids["kd+int8"] and new["kd"] != ids["kd"]
+    kd = next(c for c in mapped.cells() if c.recipe == "kd")
+    assert kd.config(plugins)["report"] == "teacher_agreement"
+    assert "report" not in next(c for c in mapped.cells() if c.recipe == "scratch").config(plugins)
+    # A mapping without a declaration is the list form.
+    bare = TINY.replace("scratch: [train]", "scratch: {stages: [train]}")
+    assert {c.cell_id(plugins) for c in load_experiment(tiny_yaml(bare), plugins).cells()} == set(ids.values())
+
+
+@pytest.mark.parametrize("recipe, message, where", [
+    ("{stages: [train], reprot: probe_accuracy}", "unknown recipe key 'reprot'; did you mean 'report'", "recipes.scratch.reprot"),
+    ("{report: teacher_agreement}", "needs 'stages'", "recipes.scratch"),
+    ("{stages: [train], report: [probe_accuracy]}", "names one figure", "recipes.scratch.report"),
+    ("{stages: [train], report: probe_acuracy}", "did you mean 'probe_accuracy'", "recipes.scratch.report"),
+    ("{stages: [train], report: probe_accuracy}", "only with measure: {probe: true}", "recipes.scratch.report"),
+    ("{stages: [prune: magnitude], report: teacher_agreement}", "must start with", "recipes.scratch.stages[0]"),
+])
+def test_a_bad_recipe_mapping_names_the_problem_and_the_fix(plugins, tiny_yaml, recipe, message, where):
+    with pytest.raises(ConfigError, match=re.escape(message)) as err:
+        load_experiment(tiny_yaml(TINY.replace("scratch: [train]", f"scratch: {recipe}")), plugins)
+    assert f"{where}:" in str(err.value)
+
+
+def test_the_embedding_only_recipe_of_the_minilm_experiment_is_read_by_its_probe(plugins):
+    experiment = load_experiment("bbc-news-minilm", plugins)
+    assert experiment.reports == {"embed-cosine": "probe_accuracy"}
+    assert experiment.measure.probe

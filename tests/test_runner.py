@@ -42,8 +42,10 @@ def test_a_grid_runs_and_every_cell_is_stored_with_its_figures(plugins, tiny_yam
     assert kd.metrics["test_accuracy"] > 0.5
     assert int8.metrics["weight_bytes"] * 3 < kd.metrics["weight_bytes"]
     assert [s["op"] for s in int8.stages] == ["distill", "quantize"]
-    [outputs] = int8.stages[0]["teacher_outputs"]  # exact logits, computed once by the kd cell
-    assert outputs["exact"] and outputs["from_cache"]
+    # Its distill stage is kd's, trained once (with the exact teacher logits) and loaded.
+    assert int8.stages[0]["from_cache"] and int8.stages[0]["history"] == kd.stages[0]["history"]
+    [outputs] = int8.stages[0]["teacher_outputs"]
+    assert outputs["exact"]
     assert set(kd.stages[0]["history"][0]) >= {"epoch", "val_accuracy", "loss_ce", "loss_kd", "loss"}
     assert kd.config["stages"][0]["distiller"] == {"name": "hinton", "temperature": 4.0, "alpha": 0.9}
     assert kd.environment["torch"] == torch.__version__
@@ -290,3 +292,73 @@ def test_recipes_that_begin_alike_train_their_shared_stages_once_with_the_same_r
         ours = {k: v for k, v in shared[recipe].metrics.items() if not any(t in k for t in timed)}
         theirs = {k: v for k, v in cell.metrics.items() if not any(t in k for t in timed)}
         assert ours == theirs
+
+def recipes_only(text: str, recipes: str) -> str:
+    """The tiny experiment with other recipes."""
+    start, end = text.index("recipes:"), text.index("training:")
+    return text[:start] + "recipes:\n" + recipes + text[end:]
+
+
+def test_every_trained_stage_and_row_records_whether_it_was_still_improving(
+        plugins, tiny_yaml, tmp_path, isolated_cache):
+    from kdbench.convergence import stage_convergence
+
+    text = recipes_only(TINY, "  scratch: [train]\n  kd+prune: [{distill: hinton}, "
+                              "{prune: {name: magnitude, sparsity: 0.5}}, {finetune: {epochs: 5}}]\n")
+    _, records = run(plugins, tiny_yaml(text.replace("epochs: 3", "epochs: 6")), tmp_path / "r.db", isolated_cache)
+    by = {r.recipe: r for r in records}
+    assert set(by) == {"teacher", "scratch", "kd+prune"}
+    for record in records:
+        trained = [s for s in record.stages if s["op"] in ("train", "distill", "finetune")]
+        assert trained
+        for stage in trained:
+            expected = stage_convergence(stage["history"], "accuracy", True, 0.005)
+            assert stage["converged"] is expected.converged is not None
+            assert stage["improvement_last_20pct"] == expected.improvement
+            assert stage["convergence_window"] == (2 if stage["op"] != "finetune" else 1)
+        assert record.metrics["converged"] == (1.0 if all(s["converged"] for s in trained) else 0.0)
+    assert "converged" not in by["kd+prune"].stages[1]  # the prune stage trains nothing of its own
+    # Fewer than 5 epochs: no verdict, and no figure in the row.
+    _, short = run(plugins, tiny_yaml(text, "short.yaml"), tmp_path / "s.db", isolated_cache)
+    scratch = next(r for r in short if r.recipe == "scratch")
+    assert scratch.stages[0]["converged"] is None and "converged" not in scratch.metrics
+
+
+def test_require_converged_fails_a_cell_still_improving_and_says_what_to_do(
+        plugins, tiny_yaml, tmp_path, isolated_cache):
+    # A slow learning rate for 5 epochs: digits' accuracy is still climbing at the end.
+    text = recipes_only(TINY, "  scratch: [train]\n").replace(
+        "training: {epochs: 3, batch_size: 64}",
+        "training: {epochs: 5, batch_size: 64, lr: 0.0003, require_converged: true}")
+    lenient = text.replace("student: {name: mlp, hidden: [16]}",
+                           "student: {name: mlp, hidden: [16]}\n    teacher_training: {require_converged: false}")
+    summary, records = run(plugins, tiny_yaml(lenient), tmp_path / "r.db", isolated_cache)
+    teacher, scratch = (next(r for r in records if r.role == role) for role in ("teacher", "student"))
+    assert teacher.ok and teacher.metrics["converged"] == 0.0  # marked, not failed
+    assert not scratch.ok and summary.exit_code == 1
+    assert scratch.error.startswith("NotConverged: stage 'train' was still improving after 5 epochs")
+    assert re.search(r"beat the best before by \d+\.\d\d %", scratch.error)
+    assert "give it more epochs" in scratch.error
+
+    # The teacher's own training is judged too; its students then fail naming it.
+    _, records = run(plugins, tiny_yaml(text, "strict.yaml"), tmp_path / "s.db", isolated_cache)
+    teacher, scratch = (next(r for r in records if r.role == role) for role in ("teacher", "student"))
+    assert not teacher.ok and "teacher mlp(hidden=[64]) train' was still improving" in teacher.error
+    assert "its teacher failed: NotConverged" in scratch.error
+
+
+def test_a_head_that_training_never_updates_is_recorded(plugins, tiny_yaml, tmp_path, isolated_cache):
+    embed_only = "{name: hidden-cosine, ce_weight: 0, kd_weight: 0}"  # no label and no logit term
+    text = recipes_only(TINY, f"  scratch: [train]\n  embed: [{{distill: {embed_only}}}]\n"
+                              f"  copy: [{{init: teacher}}, {{finetune: {{epochs: 5, distill: {embed_only}}}}}]\n")
+    _, records = run(plugins, tiny_yaml(text.replace("epochs: 3", "epochs: 5")), tmp_path / "r.db", isolated_cache)
+    by = {r.recipe: r for r in records}
+    embed, scratch = by["embed"], by["scratch"]
+    assert embed.metrics["head_trained"] == 0.0 and embed.metrics["never_updated_params"] == 2.0
+    assert embed.stages[0]["never_updated"] == ["head.weight", "head.bias"] and embed.stages[0]["head"] == "head"
+    # Its validation accuracy is chance: no convergence verdict is read off it.
+    assert embed.stages[0]["converged"] is None and "converged" not in embed.metrics
+    assert scratch.metrics["head_trained"] == 1.0 and scratch.stages[0]["never_updated"] == []
+    # A copy of the teacher has the teacher's trained head, whatever its own stages train.
+    assert by["copy"].metrics["head_trained"] == 1.0 and by["copy"].stages[-1]["never_updated"] == [
+        "head.weight", "head.bias"]

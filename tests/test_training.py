@@ -167,3 +167,44 @@ def test_batches_and_random_draws_are_those_of_the_data_loader_earlier_versions_
         assert len(got) == len(expected) == epoch_batches(n, batch)
         assert all(torch.equal(a, b) for a, b in zip(got, expected))
         assert torch.equal(ours.get_state(), theirs.get_state())
+
+
+def test_the_head_is_the_last_module_with_parameters_a_forward_pass_calls():
+    from kdbench.training import output_module
+
+    model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 3),
+                                torch.nn.Dropout(0.5), torch.nn.Flatten())
+    model.train()
+    assert output_module(model, torch.randn(2, 4)) == "2"  # not the parameter-free modules after it
+    assert model.training  # the probe leaves the mode as it was
+
+    class Tied(torch.nn.Module):  # declared in another order than it runs
+        def __init__(self):
+            super().__init__()
+            self.classifier = torch.nn.Linear(8, 3)
+            self.body = torch.nn.Linear(4, 8)
+
+        def forward(self, x):
+            return self.classifier(self.body(x))
+
+    assert output_module(Tied(), torch.randn(2, 4)) == "classifier"
+
+
+def test_the_tracker_finds_parameters_training_never_changed():
+    from kdbench.training import UpdateTracker
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 3))
+    x = torch.randn(16, 4)
+    tracker = UpdateTracker()
+    optimizer = torch.optim.Adam(model.parameters(), lr=0.1)
+    with tracker.watch(model, x[:2]):  # a loss on the features only: the head gets no gradient
+        model[0](x).pow(2).mean().backward()
+        optimizer.step()
+    assert tracker.head == "2" and tracker.never_updated() == ["2.weight", "2.bias"]
+    assert not tracker.head_trained()
+    with tracker.watch(model, x[:2]):  # a later stage that trains the head
+        optimizer.zero_grad()
+        model(x).sum().backward()
+        optimizer.step()
+    assert tracker.head_trained() and tracker.never_updated() == []

@@ -255,11 +255,18 @@ def skipped_layers(records: Sequence[Record]) -> list[Block]:
         Table(columns, rows, caption="Layers a compressor skipped, per recipe")]
 
 
+#: After every recipe a finding names whose training was still improving (PROTOCOL rule 1).
+STILL_IMPROVING_SAYS = "still improving at the end of its training"
+
+
 def findings(summary: pd.DataFrame) -> list[Block]:
     """A few sentences per protocol table, computed from the numbers: what beat the reference
-    significantly, what lost, the Pareto front."""
-    lines = []
-    for (task, teacher, student, fp), rows in summary[~summary.is_teacher].groupby(
+    significantly, what lost, the Pareto front. A recipe whose training was still improving is
+    never named without saying so (its reference included); rows whose task metric does not
+    apply are left out of the statements on it, and said to be."""
+    lines, marked = [], False
+    students = summary[~summary.is_teacher]
+    for (task, teacher, student, fp), rows in students.groupby(
             ["task", "teacher", "student", "fingerprint"], sort=False):
         metric = rows.iloc[0]["compared"]
         scale, digits = (100, 2) if is_fraction(metric) else (1, 3)
@@ -268,26 +275,53 @@ def findings(summary: pd.DataFrame) -> list[Block]:
         ref = next((r for r in rows["reference"].dropna()), None)
         if ref is None:
             continue
+        improving = _still_improving_recipes(summary, rows)
+        marked |= bool(improving)
+        name = lambda recipe: f"`{recipe}`" + (f" ({STILL_IMPROVING_SAYS})" if recipe in improving else "")  # noqa: E731
+        inapplicable = rows[~rows.get("metric_applies", pd.Series(True, index=rows.index)).astype(bool)]
+        if metric.endswith(f"test_{rows.iloc[0]['metric']}"):
+            rows = rows.drop(inapplicable.index)
+        else:
+            inapplicable = inapplicable[:0]  # compared on another figure: nothing to leave out
+        if rows.empty:
+            continue
         better = rows[(rows.significant == True) & ((rows.delta_mean > 0) == higher)]  # noqa: E712
         worse = rows[(rows.significant == True) & ((rows.delta_mean > 0) != higher)]  # noqa: E712
         untested = rows[rows.significant.isna() & rows.reference.notna() & (rows.recipe != ref)]
         best = rows.sort_values("rank").iloc[0]
         text = (f"**{task}, {teacher} → {student}** (protocol `{fp}`): best {metric.removeprefix('test_')} "
-                f"from `{best.recipe}`; ")
-        text += ("significantly better than `" + ref + "`: " + ", ".join(
-            f"`{r.recipe}` ({r.delta_mean * scale:+.{digits}f}{unit})" for r in better.itertuples())
-                 if len(better) else f"no recipe is significantly better than `{ref}`")
+                f"from {name(best.recipe)}; ")
+        text += (f"significantly better than {name(ref)}: " + ", ".join(
+            f"{name(r.recipe)} ({r.delta_mean * scale:+.{digits}f}{unit})" for r in better.itertuples())
+                 if len(better) else f"no recipe is significantly better than {name(ref)}")
         if len(worse):
             text += "; significantly worse: " + ", ".join(
-                f"`{r.recipe}` ({r.delta_mean * scale:+.{digits}f}{unit})" for r in worse.itertuples())
+                f"{name(r.recipe)} ({r.delta_mean * scale:+.{digits}f}{unit})" for r in worse.itertuples())
         if len(untested):
             text += f"; {len(untested)} row(s) have too few seeds to test"
+        if len(inapplicable):
+            text += (f"; not ranked or tested on {metric.removeprefix('test_')}, which does not apply to "
+                     "them (see the table's notes): " + ", ".join(name(r) for r in inapplicable.recipe))
         lines.append(Paragraph(text + "."))
     if not lines:
         return []
     return [Heading("Findings", 2), Paragraph(
         "Computed from the tables: paired t-tests by seed against the reference recipe, "
-        "Holm-corrected, at 0.05; with 3 seeds only large or very consistent differences pass.")] + lines
+        "Holm-corrected, at 0.05; with 3 seeds only large or very consistent differences pass."
+        + (f" A recipe marked {STILL_IMPROVING_SAYS} (↗ in the tables) had not converged in at "
+           "least one seed: its difference may shrink or grow with more epochs." if marked else ""))] + lines
+
+
+def _still_improving_recipes(summary: pd.DataFrame, rows: pd.DataFrame) -> set[str]:
+    """Recipes of ``rows`` (one pair and protocol) that were still improving, with the
+    teacher's row (``teacher``) where that is the reference."""
+    if "still_improving" not in summary:
+        return set()
+    first = rows.iloc[0]
+    same = summary[(summary.task == first.task) & (summary.teacher == first.teacher)
+                   & (summary.fingerprint == first.fingerprint) & (summary.experiment.isin(rows.experiment))
+                   & (summary.is_teacher | (summary.student == first.student))]
+    return set(same.loc[same.still_improving.astype(bool), "recipe"])
 
 
 def to_json(summary: pd.DataFrame, records: Sequence[Record]) -> str:

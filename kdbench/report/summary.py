@@ -92,7 +92,9 @@ def frame(records: Sequence[Record], plugins=None) -> pd.DataFrame:
         rows.append({**{k: getattr(r, k) for k in GROUP + ["seed", "role", "cell_id"]},
                      "fingerprint": fingerprint(protocol(r, plugins)) if r.role == "student" else None,
                      "protocol": json.dumps(protocol(r, plugins), sort_keys=True, default=str),
-                     "metric": metric, "higher_is_better": higher, **metrics})
+                     "metric": metric, "higher_is_better": higher,
+                     # The recipe's declared main figure (``report:``), where its task metric does not apply.
+                     "main_figure": r.config.get("report"), **metrics})
     df = pd.DataFrame(rows)
     if df.empty:
         return df
@@ -107,7 +109,8 @@ def frame(records: Sequence[Record], plugins=None) -> pd.DataFrame:
 
 
 def figure_columns(df: pd.DataFrame) -> list[str]:
-    skip = set(GROUP) | {"seed", "role", "cell_id", "fingerprint", "protocol", "metric", "higher_is_better"}
+    skip = set(GROUP) | {"seed", "role", "cell_id", "fingerprint", "protocol", "metric", "higher_is_better",
+                         "main_figure"}
     return [c for c in df.columns if c not in skip and pd.api.types.is_numeric_dtype(df[c])
             and df[c].dtype != bool]
 
@@ -149,11 +152,13 @@ def summarize(df: pd.DataFrame, reference: str | None = None, metric: str | None
     out["protocol"] = first["protocol"]
     out["materialized"] = (grouped["materialized"].apply(lambda s: bool(s.fillna(True).all()))
                            if "materialized" in df else True)
+    out = out.join(_row_verdicts(df, grouped))
     seeds = {key: dict(zip(g["seed"], g.to_dict("records"), strict=True)) for key, g in grouped}
     out = out.reset_index()
     out["_order"] = [order[tuple(r)] for r in out[keys].itertuples(index=False)]
-    out = _compare(out, seeds, reference, metric)
+    out = _compare(out, _task_metric_withheld(out, seeds, metric), reference, metric)
     out = _relative(out)
+    out.loc[~out.metric_applies, "retained_pct"] = math.nan  # a share of a metric that does not apply
     out = _rank_and_front(out)
     # Teacher rows first within each (task, teacher); then recipes in the experiment's order.
     out = out.sort_values(["experiment", "task", "teacher", "fingerprint", "is_teacher", "_order"],
@@ -163,6 +168,42 @@ def summarize(df: pd.DataFrame, reference: str | None = None, metric: str | None
 
 def compared_figure(row: dict[str, Any], metric: str | None) -> str:
     return metric or f"test_{row['metric']}"
+
+
+def _row_verdicts(df: pd.DataFrame, grouped) -> pd.DataFrame:
+    """Per row, from its seeds: ``still_improving`` (a seed's training had not converged, see
+    kdbench/convergence.py), ``head_untrained`` (a seed's training never changed the module
+    that produces the logits), ``main_figure`` (the recipe's declared one) and
+    ``metric_applies`` (neither of the last two: the row is ranked and tested on the task metric)."""
+    def any_zero(column: str) -> pd.Series:
+        if column not in df:
+            return pd.Series(False, index=grouped.size().index)
+        return grouped[column].apply(lambda s: bool((s == 0).any()))
+
+    out = pd.DataFrame({"still_improving": any_zero("converged"), "head_untrained": any_zero("head_trained")})
+    out["main_figure"] = (grouped["main_figure"].first() if "main_figure" in df
+                          else pd.Series(None, index=out.index, dtype=object))
+    out["main_figure"] = out["main_figure"].astype(object).where(out["main_figure"].notna(), None)
+    out["metric_applies"] = ~out["head_untrained"] & out["main_figure"].isna()
+    return out
+
+
+def _on_task_metric(figure: str, metric: str) -> bool:
+    """Whether ``figure`` is the task metric or one of its variants (``last_epoch_test_...``)."""
+    return figure.endswith(f"test_{metric}")
+
+
+def _task_metric_withheld(out: pd.DataFrame, seeds: dict, metric: str | None) -> dict:
+    """The per-seed figures the paired tests read, without the task metric of rows it does not
+    apply to: they are tested on it with no one and count in no Holm family."""
+    keys = GROUP + ["fingerprint"]
+    seeds = dict(seeds)
+    for _, row in out[~out.metric_applies].iterrows():
+        figure = compared_figure(row, metric)
+        if _on_task_metric(figure, row.metric):
+            key = tuple(row[keys])
+            seeds[key] = {s: {**v, figure: math.nan} for s, v in seeds[key].items()}
+    return seeds
 
 
 def _reference_row(rows: pd.DataFrame, row: pd.Series, reference: str | None) -> pd.Series | None:
@@ -266,6 +307,9 @@ def _relative(out: pd.DataFrame) -> pd.DataFrame:
 
 
 def _rank_and_front(out: pd.DataFrame) -> pd.DataFrame:
+    """Ranks per pair and Pareto fronts per (task, protocol). Rows whose task metric does not
+    apply get no rank on it and stay off both fronts (whose quality axis is the task metric). Simulated rows (masks, fake quantization) take the pooled latency of the dense
+    model they simulate and are never on the latency front, nor push a row off it."""
     out = out.copy()
     out["rank"] = math.nan
     for _, g in out[~out.is_teacher].groupby(PAIR):
@@ -274,7 +318,9 @@ def _rank_and_front(out: pd.DataFrame) -> pd.DataFrame:
         if col not in g:
             continue
         higher = direction(figure, g.iloc[0]["metric"], bool(g.iloc[0]["higher_is_better"]))
-        out.loc[g.index, "rank"] = stats.ranks(g[col].tolist(), higher)
+        values = g[col] if not _on_task_metric(figure, g.iloc[0]["metric"]) else g[col].where(g.metric_applies)
+        out.loc[g.index, "rank"] = stats.ranks(values.tolist(), higher)
+    simulated = ~out["materialized"].astype(bool)
     if "latency_b1_ms_mean" in out:
         # One latency per architecture: the median over the rows that ship it. On a machine
         # whose load drifts the same network times differently from cell to cell; the pooled
@@ -285,15 +331,40 @@ def _rank_and_front(out: pd.DataFrame) -> pd.DataFrame:
             known = keys.dropna()
             pooled = g.loc[known.index, "latency_b1_ms_mean"].groupby(known.map(str)).transform("median")
             out.loc[pooled.index, "latency_b1_ms_pooled"] = pooled
+            for i in g.index[simulated[g.index]]:
+                out.loc[i, "latency_b1_ms_pooled"] = dense_latency(out.loc[g.index], i)
     for cost in ("size_bytes", "latency_b1_ms"):
         out[f"pareto_{cost}"] = False
         for _, g in out.groupby(["task", "fingerprint"]):
             q = f"test_{g.iloc[0]['metric']}_mean"
             if q in g and f"{cost}_mean" in g:
+                quality = g[q].where(g.metric_applies)
+                costs = g[f"{cost}_mean"]
+                if cost.startswith("latency"):
+                    costs = costs.where(~simulated[g.index])  # the dense model's speed: no gain to show
                 out.loc[g.index, f"pareto_{cost}"] = stats.pareto_mask(
-                    g[q].tolist(), g[f"{cost}_mean"].tolist(), bool(g.iloc[0]["higher_is_better"]),
+                    quality.tolist(), costs.tolist(), bool(g.iloc[0]["higher_is_better"]),
                     architecture_keys(g) if cost.startswith("latency") else None)
     return out
+
+
+def dense_latency(rows: pd.DataFrame, index: Any) -> float:
+    """The batch-1 latency of the dense model that the simulated row ``index`` simulates: the
+    pooled latency of the materialized rows with its parameters and FLOPs, and among those
+    (an int8 row counts the same) the ones with the most weight bytes, i.e. uncompressed.
+    NaN when no such row was measured: a simulated row has no speed of its own to show."""
+    if not {"params_mean", "flops_mean", "latency_b1_ms_pooled"} <= set(rows.columns):
+        return math.nan
+    row = rows.loc[index]
+    params, flops = _num(row["params_mean"]), _num(row["flops_mean"])
+    if math.isnan(params) or math.isnan(flops):
+        return math.nan
+    same = rows[rows["materialized"].astype(bool) & (rows["params_mean"].round() == round(params))
+                & (rows["flops_mean"].round() == round(flops))]
+    size = next((c for c in ("weight_bytes_mean", "size_bytes_mean") if c in same and same[c].notna().any()), None)
+    if size is not None:
+        same = same[same[size] == same[size].max()]
+    return float(same["latency_b1_ms_pooled"].median()) if len(same) else math.nan
 
 
 def architecture_keys(rows: pd.DataFrame) -> list[tuple | None]:

@@ -154,35 +154,41 @@ def leaderboard_table(rows: pd.DataFrame, caption: str = "") -> Table:
     last = f"last_epoch_{figure}"
     figures = ([(last, "last epoch", "pct" if is_fraction(metric) else "num")]
                if f"{last}_mean" in rows and figure.startswith("test_") else [])
+    relabel = f"{label} {direction}"
     figures += [f for f in figure_list(rows) if f"{f[0]}_mean" in rows and rows[f"{f[0]}_mean"].notna().any()]
     relative = [f for f in RELATIVE if f[0] in rows and rows[f[0]].notna().any()]
     if _differs_from_teacher(rows):
         # Compressed students of a student: their size and speed against the uncompressed one.
         relative += [("bytes_ratio_reference", "ref/file")]
-        relative += [(c, f"× ref {c.rsplit('_', 1)[1]}") for c in ("speedup_reference_b1",) if c in rows]
+        # Not timed beside the row: its label says so, beside the paired "× teacher" columns.
+        relative += [(c, f"× ref {c.rsplit('_', 1)[1]} (unpaired)") for c in ("speedup_reference_b1",) if c in rows]
     columns += [lab for _, lab, _ in figures] + [lab for _, lab in relative]
     cells, numbers = [], []
     for row in rows.to_dict("records"):
         # The teacher's row needs no markup: its recipe cell says "teacher" and it comes first.
-        recipe = row["recipe"] + ("" if row.get("materialized", True) else " †")
+        recipe = row["recipe"] + main_label(row, figure) + ("" if row.get("materialized", True) else " †")
         recipe += " ‡" if (row.get("sparse_tensors_mean") or 0) > 0 else ""
         recipe += " ◆" if row.get("pareto_size_bytes") or row.get("pareto_latency_b1_ms") else ""
+        recipe += f" {STILL_IMPROVING}" if still_improving(row) else ""
         recipe += f" {BUSY}" if busy(row) else ""
-        value, interval = _metric_cells(row, figure)
+        shown = shown_figure(row, figure)
+        value, interval = _metric_cells(row, shown) if shown else ("-", "-")
         line = ([row["teacher"]] if multi_teacher else []) + ([row["student"]] if multi_student else []) + [
             recipe, str(row["n"]), value, interval,
             "-" if row["is_teacher"] else delta_cell(row), "-" if row["is_teacher"] else p_cell(row),
             "-" if math.isnan(row.get("rank", math.nan)) else f"{row['rank']:g}"]
-        line += [fmt(row[f"{key}_mean"], row[f"{key}_std"], style) for key, _, style in figures]
+        line += [fmt(row[f"{key}_mean"], row[f"{key}_std"], style) if shown == figure or key != last else "-"
+                 for key, _, style in figures]
         line += [_relative(row[key], key) for key, _ in relative]
         cells.append(line)
         nums: list[float | None] = [None] * (len(line) - len(figures) - len(relative))
         nums[columns.index("n")] = row["n"]
-        nums[columns.index(f"{label} {direction}")] = finite_or_none(row.get(f"{figure}_mean"))
+        nums[columns.index(relabel)] = finite_or_none(row.get(f"{shown}_mean")) if shown else None
         nums[columns.index(f"Δ vs {ref_label} [95% CI]")] = finite_or_none(row.get("delta_mean"))
         nums[columns.index("p")] = finite_or_none(row.get("p_value"))
         nums[columns.index("rank")] = finite_or_none(row.get("rank"))
-        numbers.append(nums + [finite_or_none(row[f"{key}_mean"]) for key, _, _ in figures]
+        numbers.append(nums + [finite_or_none(row[f"{key}_mean"]) if shown == figure or key != last else None
+                               for key, _, _ in figures]
                        + [finite_or_none(row[key]) for key, _ in relative])
     return Table(columns=columns, rows=cells, caption=caption, notes=table_notes(rows, figure), numbers=numbers)
 
@@ -231,22 +237,81 @@ def table_notes(rows: pd.DataFrame, figure: str) -> list[str]:
         "Latency: median of interleaved repeats on the CPU; × teacher: median ratio of teacher to "
         "model time, the two timed back to back. FLOPs count a multiply-add as 2. % of teacher: "
         "the task metric as a share of the teacher's (teacher / model for lower-is-better metrics); "
-        "teacher/file: the teacher's file size over the model's; ref/file and × ref b1: the same "
-        "against the reference row (a ratio of medians of cells timed apart, not paired); last "
+        "teacher/file: the teacher's file size over the model's; ref/file and × ref b1 (unpaired): "
+        "the same against the reference row (a ratio of medians of cells timed apart, not paired); last "
         "epoch: the test metric of the last epoch, where the main column is that of the epoch "
         "the validation split chose.",
     ]
     if "materialized" in rows and not rows["materialized"].all():
         notes.append("† simulated compression (masks, fake quantization): dense kernels still run "
-                     "the full computation, so it is not faster.")
+                     "the full computation, so it is not faster; it is never on the latency front, "
+                     "and the latency figure draws it at the dense model's.")
     if "sparse_tensors_mean" in rows and (rows["sparse_tensors_mean"].fillna(0) > 0).any():
         notes.append("‡ the file stores its sparse weight matrices in CSR form (int32 indices), "
                      "where that is smaller than dense.")
     if any(rows.get("pareto_size_bytes", [])) or any(rows.get("pareto_latency_b1_ms", [])):
         notes.append("◆ on the Pareto front of quality against file size or batch-1 latency "
                      "(no other row of this protocol is at least as good and as cheap).")
-    if any(busy(row) for row in rows.to_dict("records")):
+    records = rows.to_dict("records")
+    if any(still_improving(row) for row in records):
+        notes.append(STILL_IMPROVING_NOTE)
+    notes += main_figure_notes(records, figure)
+    if any(busy(row) for row in records):
         notes.append(BUSY_NOTE)
+    return notes
+
+
+#: Rows a seed of which was still improving when its training ended (kdbench/convergence.py).
+STILL_IMPROVING = "↗"
+STILL_IMPROVING_NOTE = (f"{STILL_IMPROVING} still improving: in at least one seed a training stage (or the "
+                        "teacher's training) gained more than its tolerance (0.5 % of the earlier best by "
+                        "default) in the best validation metric of its last 20 % of epochs; the row reports "
+                        "a number its method had not reached. Give it more epochs before comparing it.")
+
+
+def still_improving(row: dict[str, Any]) -> bool:
+    """Whether a seed of the row had not converged (rows stored before it was measured: never)."""
+    value = row.get("still_improving")
+    return value is not None and not (isinstance(value, float) and math.isnan(value)) and bool(value)
+
+
+def metric_applies(row: dict[str, Any]) -> bool:
+    """Whether the task metric means something for the row (not: an untrained head, or a
+    recipe that declares another main figure)."""
+    value = row.get("metric_applies")
+    return value is None or (isinstance(value, float) and math.isnan(value)) or bool(value)
+
+
+def shown_figure(row: dict[str, Any], figure: str) -> str | None:
+    """The figure in a row's main cell: ``figure``, except that a row whose task metric does
+    not apply shows its declared main figure instead (None: it declared none)."""
+    if metric_applies(row) or not figure.endswith(f"test_{row['metric']}"):
+        return figure
+    return row.get("main_figure") or None
+
+
+def main_label(row: dict[str, Any], figure: str) -> str:
+    """`` [probe_accuracy]`` after the recipe of a row that shows its main figure, or
+    `` [untrained head]`` when it has none to show."""
+    if shown_figure(row, figure) == figure:
+        return ""
+    return f" [{row['main_figure']}]" if row.get("main_figure") else " [untrained head]"
+
+
+def main_figure_notes(records: list[dict[str, Any]], figure: str) -> list[str]:
+    """Why some rows show another figure than ``figure`` and are not ranked on it."""
+    notes = []
+    for row in records:
+        if shown_figure(row, figure) == figure:
+            continue
+        why = ("training never updated its head, the module that produces the logits"
+               if row.get("head_untrained") else "the recipe declares its main figure")
+        metric = figure.removeprefix("test_")
+        shown = (f"its main cell shows {row['main_figure']} instead" if row.get("main_figure") else
+                 f"nothing is shown; declare the figure to read it by (recipe: {{stages: [...], "
+                 f"report: probe_accuracy}})")
+        notes.append(f"{row['recipe']}: {metric} does not apply ({why}); {shown}, and the row is left "
+                     f"out of the ranks, the tests and the Pareto fronts on {metric}.")
     return notes
 
 

@@ -16,15 +16,16 @@ from typing import Any
 
 import pandas as pd
 
-from .tables import (BUSY, BUSY_NOTE, ProtocolGroup, _differs_from_teacher, busy, finite_or_none, is_fraction,
-                     mark, protocol_groups, protocol_line, stats_direction)
+from .tables import (BUSY, BUSY_NOTE, STILL_IMPROVING, STILL_IMPROVING_NOTE, ProtocolGroup, _differs_from_teacher,
+                     busy, finite_or_none, is_fraction, main_figure_notes, main_label, mark, protocol_groups,
+                     protocol_line, shown_figure, stats_direction, still_improving)
 
 #: The width every line but a table's rows is wrapped to; the quickstart's rows fit in it too.
 WIDTH = 100
 GAP = "  "
 #: The marks of the note column, in order, with their legend.
 MARKS = [
-    ("†", "simulated compression (masks, fake quantization): not faster"),
+    ("†", "simulated compression (masks, fake quantization): not faster, never on the latency front"),
     ("‡", "sparse weights stored in CSR form"),
     ("◆", "on the Pareto front of quality against file size or batch-1 latency"),
 ]
@@ -85,7 +86,8 @@ def table_text(group: ProtocolGroup, width: int = WIDTH) -> str:
                 label += f" (Δ vs {reference})"
             lines.append((label, []))
         for r in members:
-            cells = [("  " if under_heading else "") + r["recipe"], str(r["n"]), values[id(r)], deltas[id(r)],
+            cells = [("  " if under_heading else "") + r["recipe"] + main_label(r, figure), str(r["n"]),
+                     values[id(r)], deltas[id(r)],
                      _ratio(r.get(size_key))]
             cells += ["-" if r["is_teacher"] else _ratio(r.get("speedup_b1_mean"))] if speed else []
             cells += [" ".join(_marks(r))]
@@ -101,11 +103,12 @@ def table_text(group: ProtocolGroup, width: int = WIDTH) -> str:
     out = [_wrap(group.caption, width), _wrap(protocol_line(group), width, "  "), "", join(header),
            "─" * (sum(widths) + len(GAP) * (len(widths) - 1))]
     out += [heading if heading is not None else join(cells) for heading, cells in lines]
-    out += [_wrap(text, width, "  ") for text in legend(records, size_label, speed)]
+    out += [_wrap(text, width, "  ") for text in legend(records, size_label, speed, figure)]
     return "\n".join(out)
 
 
-def legend(records: list[dict[str, Any]], size_label: str = "teacher/file", speed: bool = True) -> list[str]:
+def legend(records: list[dict[str, Any]], size_label: str = "teacher/file", speed: bool = True,
+           figure: str | None = None) -> list[str]:
     """What the columns hold, then one line per note mark the table uses."""
     whose = "the reference's" if size_label.startswith("ref") else "the teacher's"
     lines = ["Mean ± std over n seeds [95% t interval, from 3 seeds]. Δ: paired by seed; ✓ significant "
@@ -115,8 +118,12 @@ def legend(records: list[dict[str, Any]], size_label: str = "teacher/file", spee
                 if speed else ".")]
     used = {m for r in records for m in _marks(r)}
     lines += [f"{m} {text}" for m, text in MARKS if m in used]
+    if STILL_IMPROVING in used:
+        lines.append(STILL_IMPROVING_NOTE)
     if BUSY in used:
         lines.append(BUSY_NOTE)
+    if figure is not None:
+        lines += main_figure_notes(records, figure)
     return lines
 
 
@@ -124,6 +131,7 @@ def _marks(row: dict[str, Any]) -> list[str]:
     marks = [] if row.get("materialized", True) else ["†"]
     marks += ["‡"] if (row.get("sparse_tensors_mean") or 0) > 0 else []
     marks += ["◆"] if row.get("pareto_size_bytes") or row.get("pareto_latency_b1_ms") else []
+    marks += [STILL_IMPROVING] if still_improving(row) else []
     return marks + ([BUSY] if busy(row) else [])
 
 
@@ -131,10 +139,11 @@ def _metric_texts(records: list[dict[str, Any]], figure: str) -> dict[int, str]:
     """``91.39 ± 0.56 [90.01, 92.77]``, the parts aligned down the column; the interval only
     from 3 seeds on (with 2 it is ±12.7 standard errors wide and says little), the spread
     from 2."""
-    scale, digits = (100, 2) if is_fraction(figure) else (1, 3)
     parts = {}
     for r in records:
-        mean, std, ci = (finite_or_none(r.get(f"{figure}_{s}")) for s in ("mean", "std", "ci95"))
+        shown = shown_figure(r, figure)  # a row whose task metric does not apply: its main figure
+        scale, digits = (100, 2) if is_fraction(shown or figure) else (1, 3)
+        mean, std, ci = (finite_or_none(r.get(f"{shown}_{s}")) for s in ("mean", "std", "ci95"))
         if mean is None:
             parts[id(r)] = ("-", "", "")
             continue
