@@ -205,7 +205,7 @@ class QAT(Quantizer):
         prepared, leaves = fx_prepare(self.name, model, calibration[:1], qat=True)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            history = context.finetune(prepared, self.params.epochs, self.params.distill_spec)
+            history = context.finetune(prepared, self.params.epochs, self.params.distill)
         quantized, self._report = fx_convert(self.name, model, prepared, leaves)
         self._report["finetune_epochs"] = len(history)
         return quantized
