@@ -230,13 +230,18 @@ def measure_spec(measure: Measure) -> dict[str, Any]:
 
 
 #: Config keys stored with a cell for reports, left out of its id (see ``Cell.config``).
-UNHASHED = ("budget", "task_plugin")
+UNHASHED = ("budget", "task_plugin", "provenance")
 
 
 def digest(obj: Any) -> str:
     """A stable hash of a JSON-ready object."""
     blob = json.dumps(obj, sort_keys=True, separators=(",", ":"), default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def model_provenance(plugins: Plugins, model: Ref) -> str:
+    """The provenance a model family states for these parameters ('' when built here)."""
+    return plugins.get("model", model.name).cls.provenance_for(model.params) or ""
 
 
 def base_training(task: Ref, plugins: Plugins, overrides: Mapping[str, Any]) -> Training:
@@ -309,7 +314,9 @@ class Cell:
 
         ``budget`` (the base student training) and ``task_plugin`` are stored for the
         protocol fingerprint but not hashed: the stages already hold every training a cell
-        does, so they add nothing to what determines the result.
+        does, so they add nothing to what determines the result. ``provenance`` (where the
+        weights of pretrained models come from, when any) is stored for the protocol line and
+        not hashed either: the model specs already determine it.
         """
         base = self.student_training(plugins)
         refs = [self.task, self.pair.teacher, self.pair.student] + [s.ref for s in self.stages if s.ref]
@@ -324,7 +331,16 @@ class Cell:
                 "budget": dataclasses.asdict(base), "task_plugin": self.task.plugin,
                 # Only when set: the cache's tail approximation changes what distillers see.
                 **({"teacher_cache": dataclasses.asdict(self.experiment.teacher_cache)}
-                   if self.experiment.teacher_cache else {})}
+                   if self.experiment.teacher_cache else {}),
+                **({"provenance": provenance} if (provenance := self.provenance(plugins)) else {})}
+
+    def provenance(self, plugins: Plugins) -> dict[str, str]:
+        """Where the teacher's and the student's weights come from, by role, for models built
+        from released files (``ModelFamily.provenance``); an ``init: teacher`` student is the
+        teacher's copy."""
+        teacher = model_provenance(plugins, self.pair.teacher)
+        student = teacher if self.stages[0].op == "init" else model_provenance(plugins, self.pair.student)
+        return {role: text for role, text in (("teacher", teacher), ("student", student)) if text}
 
     def student_training(self, plugins: Plugins) -> Training:
         """The base of the student's training stages: task budget < file < this pair."""
@@ -334,7 +350,7 @@ class Cell:
         if plugins not in self._ids:
             config = self.config(plugins)
             for key in UNHASHED:
-                config.pop(key)
+                config.pop(key, None)  # provenance: only where a model has one
             self._ids[plugins] = digest(config)
         return self._ids[plugins]
 

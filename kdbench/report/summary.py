@@ -42,8 +42,9 @@ def latest_configs(records: Sequence[Record]) -> tuple[list[Record], list[str]]:
     them would report a number that no configuration produced.
     """
     def variant(r: Record) -> str:
-        # The seed, and the teacher's cache key that hashes it, differ within one configuration.
-        per_seed = {"seed", "teacher_key"}
+        # The seed, and the teacher's cache key that hashes it, differ within one configuration;
+        # a provenance recorded since (outside the cell id) does not make another one.
+        per_seed = {"seed", "teacher_key", "provenance"}
         return json.dumps({k: v for k, v in r.config.items() if k not in per_seed}, sort_keys=True, default=str)
 
     groups: dict[tuple, list[Record]] = {}

@@ -306,7 +306,10 @@ def protocol_line(group: ProtocolGroup) -> str:
     load = ""
     if "latency_load_max" in rows and "cpu_count_mean" in rows and rows["latency_load_max"].notna().any():
         load = "; " + describe_load(float(rows["latency_load_max"].max()), rows["cpu_count_mean"].tolist())
-    return f"Protocol {group.fingerprint}: {describe(group.protocol)}{load}."
+    # Every pretrained model of the table, not only the first row's (not fingerprinted).
+    weights = {k: v for p in rows["protocol"].dropna().unique()
+               for k, v in (json.loads(p).get("provenance") or {}).items()}
+    return f"Protocol {group.fingerprint}: {describe({**group.protocol, 'provenance': weights})}{load}."
 
 
 def leaderboard_blocks(summary: pd.DataFrame, by: Sequence[str] = ("task",)) -> list[Block]:
