@@ -15,6 +15,7 @@ import pandas as pd
 from . import stats
 from .document import Block, Paragraph, Table
 from .protocol import describe, describe_load, differences
+from .treatment import treatment_note
 
 #: Figures shown after the task metric and comparison, in order: (column, label, style).
 #: ``pct``: fractions as percentages; ``int``: counts; ``kib``: bytes in KiB; ``x``: ratios.
@@ -247,6 +248,8 @@ def table_notes(rows: pd.DataFrame, figure: str) -> list[str]:
                      "(no other row of this protocol is at least as good and as cheap).")
     if any(busy(row) for row in rows.to_dict("records")):
         notes.append(BUSY_NOTE)
+    if (unequal := treatment_note(rows)) is not None:
+        notes.append(unequal)
     return notes
 
 
