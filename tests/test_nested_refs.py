@@ -10,7 +10,9 @@ import pytest
 
 from kdbench import hookimpl
 from kdbench.config import Ref, parse_experiment
+from kdbench.contracts import Pruner
 from kdbench.errors import ConfigError
+from kdbench.params import Reference
 from kdbench.plugins import load_plugins
 
 GRADUAL = {"name": "gradual", "sparsity": 0.5, "steps": 2, "epochs_per_step": 1, "distill": "hinton"}
@@ -133,3 +135,30 @@ def test_compressor_parameters_never_reach_for_the_process_wide_registry(monkeyp
     assert Gradual.Params(sparsity=0.5).distill is None
     plugins = load_plugins()
     assert plugins.build("pruner", "gradual", {"distill": "hinton"}).params.distill.name == "hinton"
+
+
+def test_any_compressor_can_take_references_even_a_list_of_them():
+    """The mechanism is the parameter type, not gradual or qat: a new compressor with a tuple
+    of distillers gets them resolved, in its spec and its cell's plugin versions."""
+    class Ensemble(Pruner):
+        name = "ensemble-prune"
+        description = "prunes, then fine-tunes with each distiller in turn"
+
+        @dataclasses.dataclass(frozen=True)
+        class Params:
+            distillers: tuple[Reference("distiller"), ...] = ()
+
+    module = types.ModuleType("ensemble_plugin")
+    module.kdbench_register_pruners = hookimpl(lambda register: register(Ensemble))
+    plugins = load_plugins()
+    plugins.register(module, "ensemble-plugin", "3.0")
+    plugins.register(kd_plugin("1.0"), "my-kd-plugin", "1.5")
+    compressor = {"name": "ensemble-prune", "distillers": ["hinton", {"name": "my-kd", "temperature": 2}]}
+    c = cell(plugins, "prune", compressor)["c"]
+    spec = c.config(plugins)["stages"][1]["pruner"]
+    assert spec["distillers"] == [{"name": "hinton", "temperature": 4.0, "alpha": 0.9},
+                                  {"name": "my-kd", "temperature": 2.0, "alpha": 0.9}]
+    assert c.config(plugins)["plugins"]["my-kd-plugin"] == "1.5"
+    with pytest.raises(ConfigError, match="did you mean 'hinton'") as err:
+        cell(plugins, "prune", {"name": "ensemble-prune", "distillers": ["hinton", "hintn"]})
+    assert err.value.where == "recipes.c[1].prune.distillers[1]"
