@@ -1,17 +1,20 @@
 """The experiment file: parsed, validated and expanded into a grid of cells before any work.
 
-Every plugin reference is a name or a mapping ``{name: ..., <params>}``. Any unknown key,
-name or parameter is a ``ConfigError`` carrying the file, the path inside it, the allowed
-values and a "did you mean".
+Every plugin reference is a name or a mapping ``{name: ..., <params>}``, also where it is a
+parameter of another one (the distiller a compressor fine-tunes with): it is resolved the same
+way, and its spec and plugin version are part of the cell id. Any unknown key, name or
+parameter is a ``ConfigError`` carrying the file, the path inside it, the allowed values and a
+"did you mean".
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import json
 import weakref
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from importlib import resources
 from pathlib import Path
 from typing import Any, ClassVar, Literal
@@ -129,22 +132,40 @@ class Ref:
             spec["data_version"] = self.data_version
         return spec
 
+    def refs(self) -> Iterator[Ref]:
+        """This reference and every one nested in its parameters (a compressor's distiller),
+        depth first: each is a plugin version the result depends on."""
+        yield self
+        if dataclasses.is_dataclass(self.params):
+            for field in dataclasses.fields(self.params):
+                yield from _nested_refs(getattr(self.params, field.name))
+
     def label(self) -> str:
         """Short, readable: the plugin's own name for it (``resnet56``), or the parameters
-        that differ from the defaults (``mlp(hidden=[32])``)."""
+        that differ from the defaults (``mlp(hidden=[32])``, ``gradual(distill=hinton)``)."""
         if self.short:
             return self.short
         default = defaults(type(self.params))
         changed = {k: v for k, v in as_dict(self.params).items() if k not in default or default[k] != v}
         if not changed:
             return self.name
-        inner = ",".join(f"{k}={_short(v)}" for k, v in changed.items())
+        inner = ",".join(f"{k}={_short(getattr(self.params, k))}" for k in changed)
         return f"{self.name}({inner})"
 
 
+def _nested_refs(value: Any) -> Iterator[Ref]:
+    if isinstance(value, Ref):
+        yield from value.refs()
+    elif isinstance(value, (list, tuple)):
+        for item in value:
+            yield from _nested_refs(item)
+
+
 def _short(value: Any) -> str:
-    if isinstance(value, list):
-        return "[" + ",".join(map(str, value)) + "]"
+    if isinstance(value, Ref):
+        return value.label()
+    if isinstance(value, (list, tuple)):
+        return "[" + ",".join(map(_short, value)) + "]"
     return str(value)
 
 
@@ -239,13 +260,18 @@ def measure_spec(measure: Measure) -> dict[str, Any]:
 
 
 #: Config keys stored with a cell for reports, left out of its id (see ``Cell.config``).
-UNHASHED = ("budget", "task_plugin")
+UNHASHED = ("budget", "task_plugin", "provenance")
 
 
 def digest(obj: Any) -> str:
     """A stable hash of a JSON-ready object."""
     blob = json.dumps(obj, sort_keys=True, separators=(",", ":"), default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def model_provenance(plugins: Plugins, model: Ref) -> str:
+    """The provenance a model family states for these parameters ('' when built here)."""
+    return plugins.get("model", model.name).cls.provenance_for(model.params) or ""
 
 
 def base_training(task: Ref, plugins: Plugins, overrides: Mapping[str, Any]) -> Training:
@@ -322,10 +348,13 @@ class Cell:
 
         ``budget`` (the base student training) and ``task_plugin`` are stored for the
         protocol fingerprint but not hashed: the stages already hold every training a cell
-        does, so they add nothing to what determines the result.
+        does, so they add nothing to what determines the result. ``provenance`` (where the
+        weights of pretrained models come from, when any) is stored for the protocol line and
+        not hashed either: the model specs already determine it.
         """
         base = self.student_training(plugins)
         refs = [self.task, self.pair.teacher, self.pair.student] + [s.ref for s in self.stages if s.ref]
+        refs = [nested for ref in refs for nested in ref.refs()]  # with a compressor's distiller
         return {"kdbench": __version__, "experiment": self.experiment.name,
                 "task": self.task.spec(), "teacher": self.pair.teacher.spec(),
                 "student": self.pair.student.spec(), "recipe": self.recipe,
@@ -339,7 +368,16 @@ class Cell:
                    if self.experiment.teacher_cache else {}),
                 # Only when declared: recipes of the list form keep their ids.
                 **({"report": self.experiment.reports[self.recipe]}
-                   if self.recipe in self.experiment.reports else {})}
+                   if self.recipe in self.experiment.reports else {}),
+                **({"provenance": provenance} if (provenance := self.provenance(plugins)) else {})}
+
+    def provenance(self, plugins: Plugins) -> dict[str, str]:
+        """Where the teacher's and the student's weights come from, by role, for models built
+        from released files (``ModelFamily.provenance``); an ``init: teacher`` student is the
+        teacher's copy."""
+        teacher = model_provenance(plugins, self.pair.teacher)
+        student = teacher if self.stages[0].op == "init" else model_provenance(plugins, self.pair.student)
+        return {role: text for role, text in (("teacher", teacher), ("student", student)) if text}
 
     def student_training(self, plugins: Plugins) -> Training:
         """The base of the student's training stages: task budget < file < this pair."""
@@ -349,7 +387,7 @@ class Cell:
         if plugins not in self._ids:
             config = self.config(plugins)
             for key in UNHASHED:
-                config.pop(key)
+                config.pop(key, None)  # provenance: only where a model has one
             self._ids[plugins] = digest(config)
         return self._ids[plugins]
 
@@ -474,20 +512,32 @@ def parse_experiment(raw: Any, plugins: Plugins, source: str = "<experiment>") -
                       executor, source, teacher_cache, reports)
 
 
-def parse_ref(plugins: Plugins, kind: str, raw: Any, where: str) -> Ref:
-    """``name`` or ``{name: ..., <params>}`` -> a Ref with validated parameters."""
+def parse_ref(plugins: Plugins, kind: str, raw: Any, where: str,
+              params: Mapping[str, Any] | None = None, params_where: str = "") -> Ref:
+    """``name`` or ``{name: ..., <params>}`` -> a Ref with validated parameters. ``params``:
+    parameters given beside a bare name, at ``params_where`` (``distill: hinton,
+    distill_params: {...}`` in a compressor's parameters). Parameters that are references
+    themselves are resolved here, recursively, with the same checks."""
     if isinstance(raw, str):
-        name, params = raw, {}
+        name, own, name_where = raw, {}, where
     elif isinstance(raw, Mapping):
         if "name" not in raw:
             raise ConfigError(f"a {kind} reference needs a 'name' (one of: "
                               f"{', '.join(plugins.names(kind))})", where)
-        params = {k: v for k, v in raw.items() if k != "name"}
-        name = raw["name"]
+        name, name_where = raw["name"], f"{where}.name"
+        own = {k: v for k, v in raw.items() if k != "name"}
     else:
         raise ConfigError(f"a {kind} reference is a name or a mapping with 'name', got {raw!r}", where)
-    entry = plugins.get(kind, str(name), f"{where}.name" if isinstance(raw, Mapping) else where)
-    parsed = parse_params(entry.cls.Params, params, where)
+    if params is not None:
+        if isinstance(raw, Mapping):
+            raise ConfigError(f"the {kind}'s parameters are given twice, in {{name: ..., <params>}} "
+                              "and beside it; keep one", params_where or where)
+        if not isinstance(params, Mapping):
+            raise ConfigError(f"expected a mapping of the {kind}'s parameters, got {params!r}",
+                              params_where or where)
+        own, where = dict(params), params_where or where
+    entry = plugins.get(kind, str(name), name_where)
+    parsed = parse_params(entry.cls.Params, own, where, resolve=functools.partial(parse_ref, plugins))
     return Ref(kind, entry.name, parsed, entry.plugin, entry.version, entry.cls.label_for(parsed),
                str(getattr(entry.cls, "version", "1")) if kind == "task" else "1")
 

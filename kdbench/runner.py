@@ -27,8 +27,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from .config import COMPRESSOR_KIND, Cell, Experiment, TeacherJob, as_dict, digest, parse_ref
 from . import stage_cache
+from .config import COMPRESSOR_KIND, Cell, Experiment, Ref, TeacherJob, as_dict, digest, parse_ref
 from .contracts import CompressionContext, DistillContext, TaskData
 from .convergence import NotConverged, not_converged_message, row_converged, stage_convergence
 from .environment import environment
@@ -405,7 +405,10 @@ class CellRunner:
                 entry["history"] = []
 
                 def finetune(m: nn.Module, epochs: int, distill: Any = None) -> list[dict]:
-                    ref = parse_ref(self.plugins, "distiller", distill, f"{stage.ref.name}.distill") if distill else None
+                    # A DistillerRef parameter arrives resolved (its spec is in the cell id); a
+                    # name or mapping from a compressor that builds its own is resolved here.
+                    ref = distill if isinstance(distill, Ref) or not distill else parse_ref(
+                        self.plugins, "distiller", distill, f"{stage.ref.name}.distill")
                     history = train(m, dataclasses.replace(base, epochs=epochs), ref)
                     entry["history"].extend(history)
                     return history

@@ -44,7 +44,9 @@ def test_each_step_cuts_the_smallest_live_weights_then_finetunes(plugins):
     model = pruner.apply(model, context)
     want = [0.8 - 0.8 * (1 - k / 4) ** 3 for k in range(1, 5)]
     assert [c[2] for c in calls] == pytest.approx(want, abs=1 / 300)
-    assert all(c[:2] == (2, {"name": "hinton", "temperature": 2}) for c in calls)
+    # The distiller arrives resolved, its defaults filled in, as the cell id records it.
+    assert all(c[0] == 2 and c[1].spec() == {"name": "hinton", "temperature": 2.0, "alpha": 0.9}
+               for c in calls)
     assert pruner.report()["schedule"] == pytest.approx(want, abs=1 / 300)
     # The masks survive export: the deployed weights hold the final sparsity.
     deployed = export(model)
@@ -70,6 +72,9 @@ def test_gradual_with_kd_finetuning_in_a_run(plugins, tiny_yaml, tmp_path, isola
         records = store.records()
     assert summary.exit_code == 0, [r.error for r in summary.failed]
     agp = next(r for r in records if r.recipe == "agp")
+    # The stored config holds the nested distiller as a stage's: every parameter, its plugin.
+    assert agp.config["stages"][1]["pruner"]["distill"] == {"name": "hinton", "temperature": 4.0, "alpha": 0.9}
+    assert plugins.get("distiller", "hinton").plugin in agp.config["plugins"]
     prune_stage = agp.stages[1]
     assert len(prune_stage["history"]) == 3 and "loss_kd" in prune_stage["history"][0]
     assert prune_stage["calibration"] == {"split": "train", "size": 256, "seed": 0}

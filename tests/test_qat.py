@@ -23,6 +23,7 @@ def test_qat_trains_fake_quantized_then_converts_to_int8_kernels(plugins, tiny_y
         records = {r.recipe: r for r in store.records() if r.role == "student"}
     assert summary.exit_code == 0, [r.error for r in summary.failed]
     qat, static, kd = records["kd+qat"], records["kd+static"], records["kd"]
+    assert qat.config["stages"][1]["quantizer"]["distill"] == {"name": "hinton", "temperature": 4.0, "alpha": 0.9}
     stage = qat.stages[1]
     assert len(stage["history"]) == 2 and "loss_kd" in stage["history"][0]
     assert stage["report"]["finetune_epochs"] == 2 and stage["report"]["quantized_layers"] >= 2

@@ -209,6 +209,26 @@ def test_weight_only_gpt_shrinks_and_skip_keeps_float(registry):
         registry.build("quantizer", "weight-only", {"skip": ["nope"]}).apply(out, context(data))
 
 
+def test_dynamic_int8_skip_keeps_the_head_in_float(registry):
+    """As the other quantizers of an experiment do, so that compared rows skip the same layers."""
+    from kdbench.config import parse_ref
+
+    model, data = tiny_gpt(registry)
+    ids = data.test.tensors[0][:4]
+    everything = registry.build("quantizer", "dynamic-int8").apply(copy.deepcopy(model), context(data))
+    assert not isinstance(everything.head, nn.Linear)  # quantized too, by default (as before)
+    quantizer = registry.build("quantizer", "dynamic-int8", {"skip": ["head"]})
+    out = quantizer.apply(model, context(data))
+    dynamic = [m for m in out.modules() if isinstance(m, torch.ao.nn.quantized.dynamic.Linear)]
+    assert type(out.head) is nn.Linear and len(dynamic) == quantizer.report()["quantized_layers"] == 2 * 4
+    assert quantizer.report()["skipped_layers"] == {"head": "listed in skip"}
+    assert out(ids).shape == (4, 16, 20)
+    with pytest.raises(ValueError, match="matches none of the"):
+        registry.build("quantizer", "dynamic-int8", {"skip": ["nope"]}).apply(out, context(data))
+    # Added later: at its default the parameter stays out of the id of cells already stored.
+    assert parse_ref(registry, "quantizer", "dynamic-int8", "q").spec() == {"name": "dynamic-int8"}
+
+
 def test_quantizer_params_are_checked(registry):
     # Params.__post_init__ raises ValueError; the registry reports it as a ConfigError.
     for name in ("weight-only", "gptq"):

@@ -8,6 +8,10 @@ the hashes match.
 The machine's load while a row was timed is recorded with its figures but is no part of the
 protocol: it is a condition of one measurement, not a choice of the experiment, so rows timed
 at different loads stay in one table, and the load is shown beside the protocol instead.
+
+Where the weights of a pretrained model come from (its checkpoint and its own quantization) is
+named in the protocol line but not fingerprinted: it follows from the model's spec, which the
+rows' labels already keep apart.
 """
 
 from __future__ import annotations
@@ -20,6 +24,8 @@ from ..store import Record
 
 #: The parts of a protocol, in the order a report explains a difference.
 PARTS = ("task", "task_version", "budget", "calibration_size", "eval_batch_size", "latency")
+#: Parts shown in the protocol line but left out of the fingerprint.
+DISCLOSED = ("provenance",)
 
 
 def protocol(record: Record, plugins=None) -> dict[str, Any]:
@@ -51,11 +57,44 @@ def protocol(record: Record, plugins=None) -> dict[str, Any]:
         "latency": {"cpu": env.get("cpu"), "threads": env.get("threads"),
                     "batch_sizes": measure.get("latency_batch_sizes"),
                     "repeats": measure.get("latency_repeats")},
+        **({"provenance": weights} if (weights := provenance(record, plugins)) else {}),
     }
 
 
+def provenance(record: Record, plugins=None) -> dict[str, str]:
+    """Where the row's pretrained models come from, by model label (``smollm2: SmolLM2-135M-
+    Instruct ..., dequantized to fp32``): as stored with the row, else (rows stored before
+    kdbench recorded it) as the installed model family states it."""
+    stored = record.config.get("provenance")
+    if stored is None and plugins is not None:
+        stored = _stated_provenance(record, plugins)
+    labels = {"teacher": record.teacher, "student": record.student}
+    return {str(labels[role]): text for role, text in (stored or {}).items() if role in labels and text}
+
+
+def _stated_provenance(record: Record, plugins) -> dict[str, str]:
+    from ..config import model_provenance, parse_ref
+    from ..errors import KdbenchError
+
+    config, out = record.config, {}
+    for role in ("teacher", "student"):
+        spec = config.get("teacher" if role == "student" and _starts_from_teacher(config) else role)
+        try:
+            text = model_provenance(plugins, parse_ref(plugins, "model", spec, role)) if spec else ""
+        except KdbenchError:  # a family no longer installed, or whose parameters changed
+            text = ""
+        if text:
+            out[role] = text
+    return out
+
+
+def _starts_from_teacher(config: dict[str, Any]) -> bool:
+    stages = config.get("stages") or [{}]
+    return stages[0].get("op") == "init"
+
+
 def fingerprint(proto: dict[str, Any]) -> str:
-    return digest(proto)[:8]
+    return digest({k: v for k, v in proto.items() if k not in DISCLOSED})[:8]
 
 
 def differences(a: dict[str, Any], b: dict[str, Any]) -> list[str]:
@@ -82,10 +121,12 @@ def describe(proto: dict[str, Any]) -> str:
     lat = proto.get("latency") or {}
     budget_text = (f"{budget.get('epochs')} epochs, {budget.get('optimizer')} lr {budget.get('lr')}, "
                    f"batch {budget.get('batch_size')}") if budget else "no student training"
+    weights = proto.get("provenance") or {}
     return (f"task {task.get('name')} v{proto.get('task_version') or '?'} ({splits}); "
             f"budget {budget_text}; calibration {proto.get('calibration_size')}; "
             f"evaluation batch {proto.get('eval_batch_size')}; latency on {lat.get('cpu')}, "
-            f"{lat.get('threads')} threads, batches {lat.get('batch_sizes')}")
+            f"{lat.get('threads')} threads, batches {lat.get('batch_sizes')}"
+            + "".join(f"; pretrained {label}: {text}" for label, text in sorted(weights.items())))
 
 
 def describe_load(max_load: float | None, cores: Sequence[float]) -> str:

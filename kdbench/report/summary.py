@@ -19,6 +19,8 @@ import pandas as pd
 from ..store import Record
 from . import stats
 from .protocol import fingerprint, protocol
+from .treatment import COLUMN as TREATMENT
+from .treatment import treatment
 
 GROUP = ["experiment", "task", "teacher", "student", "recipe"]
 #: Where a pair's comparisons are made: same models, same protocol.
@@ -42,8 +44,9 @@ def latest_configs(records: Sequence[Record]) -> tuple[list[Record], list[str]]:
     them would report a number that no configuration produced.
     """
     def variant(r: Record) -> str:
-        # The seed, and the teacher's cache key that hashes it, differ within one configuration.
-        per_seed = {"seed", "teacher_key"}
+        # The seed, and the teacher's cache key that hashes it, differ within one configuration;
+        # a provenance recorded since (outside the cell id) does not make another one.
+        per_seed = {"seed", "teacher_key", "provenance"}
         return json.dumps({k: v for k, v in r.config.items() if k not in per_seed}, sort_keys=True, default=str)
 
     groups: dict[tuple, list[Record]] = {}
@@ -89,9 +92,11 @@ def frame(records: Sequence[Record], plugins=None) -> pd.DataFrame:
             # Epoch figures describe the model before the final compression, not the one measured.
             for key in [k for k in metrics if k.startswith(("last_epoch_", "chosen_epoch"))]:
                 del metrics[key]
+        told = treatment(r)
         rows.append({**{k: getattr(r, k) for k in GROUP + ["seed", "role", "cell_id"]},
                      "fingerprint": fingerprint(protocol(r, plugins)) if r.role == "student" else None,
                      "protocol": json.dumps(protocol(r, plugins), sort_keys=True, default=str),
+                     TREATMENT: json.dumps(told, sort_keys=True) if told else None,
                      "metric": metric, "higher_is_better": higher,
                      # The recipe's declared main figure (``report:``), where its task metric does not apply.
                      "main_figure": r.config.get("report"), **metrics})
@@ -150,6 +155,8 @@ def summarize(df: pd.DataFrame, reference: str | None = None, metric: str | None
     out["metric"] = first["metric"]
     out["higher_is_better"] = first["higher_is_better"].astype(bool)
     out["protocol"] = first["protocol"]
+    if TREATMENT in df:  # what the compressors skipped and the training after them
+        out[TREATMENT] = grouped[TREATMENT].first()
     out["materialized"] = (grouped["materialized"].apply(lambda s: bool(s.fillna(True).all()))
                            if "materialized" in df else True)
     out = out.join(_row_verdicts(df, grouped))

@@ -15,6 +15,7 @@ import pandas as pd
 from . import stats
 from .document import Block, Paragraph, Table
 from .protocol import describe, describe_load, differences
+from .treatment import treatment_note
 
 #: Figures shown after the task metric and comparison, in order: (column, label, style).
 #: ``pct``: fractions as percentages; ``int``: counts; ``kib``: bytes in KiB; ``x``: ratios.
@@ -149,8 +150,11 @@ def leaderboard_table(rows: pd.DataFrame, caption: str = "") -> Table:
     ref_label = "/".join(references) or "reference"
     multi_student = rows.loc[~rows.is_teacher, "student"].nunique() > 1
     multi_teacher = rows["teacher"].nunique() > 1
+    # A figure with a block-bootstrap interval over test windows (perplexity): shown beside it.
+    windows = f"{figure}_ci95_low_mean" in rows and rows[f"{figure}_ci95_low_mean"].notna().any()
     columns = (["teacher"] if multi_teacher else []) + (["student"] if multi_student else []) + [
-        "recipe", "n", f"{label} {direction}", "95% CI", f"Δ vs {ref_label} [95% CI]", "p", "rank"]
+        "recipe", "n", f"{label} {direction}", "95% CI"] + ([WINDOWS_CI] if windows else []) + [
+        f"Δ vs {ref_label} [95% CI]", "p", "rank"]
     last = f"last_epoch_{figure}"
     figures = ([(last, "last epoch", "pct" if is_fraction(metric) else "num")]
                if f"{last}_mean" in rows and figure.startswith("test_") else [])
@@ -174,7 +178,7 @@ def leaderboard_table(rows: pd.DataFrame, caption: str = "") -> Table:
         shown = shown_figure(row, figure)
         value, interval = _metric_cells(row, shown) if shown else ("-", "-")
         line = ([row["teacher"]] if multi_teacher else []) + ([row["student"]] if multi_student else []) + [
-            recipe, str(row["n"]), value, interval,
+            recipe, str(row["n"]), value, interval] + ([window_interval(row, figure)] if windows else []) + [
             "-" if row["is_teacher"] else delta_cell(row), "-" if row["is_teacher"] else p_cell(row),
             "-" if math.isnan(row.get("rank", math.nan)) else f"{row['rank']:g}"]
         line += [fmt(row[f"{key}_mean"], row[f"{key}_std"], style) if shown == figure or key != last else "-"
@@ -190,7 +194,31 @@ def leaderboard_table(rows: pd.DataFrame, caption: str = "") -> Table:
         numbers.append(nums + [finite_or_none(row[f"{key}_mean"]) if shown == figure or key != last else None
                                for key, _, _ in figures]
                        + [finite_or_none(row[key]) for key, _ in relative])
-    return Table(columns=columns, rows=cells, caption=caption, notes=table_notes(rows, figure), numbers=numbers)
+    notes = table_notes(rows, figure)
+    if windows:
+        notes.insert(1, WINDOWS_NOTE)
+    return Table(columns=columns, rows=cells, caption=caption, notes=notes, numbers=numbers)
+
+
+#: The column of a figure's block-bootstrap interval over test windows (``kdbench/bootstrap.py``).
+WINDOWS_CI = "test windows 95% CI"
+WINDOWS_NOTE = (f"{WINDOWS_CI}: the 2.5th to 97.5th percentile of the figure over 2,000 seeded "
+                "resamples of whole test windows (a block bootstrap; tokens of a window stay together), "
+                "computed for each seed's model and averaged over the seeds: how far another test "
+                "sample of this size from the same text could move a row's figure, even one of a "
+                "single seed or of a deterministic method. It does not cover seed-to-seed variation (the "
+                "95% CI does), and overlapping intervals of two rows do not make their paired difference "
+                "insignificant.")
+
+
+def window_interval(row: dict[str, Any], figure: str) -> str:
+    """``[61.20, 71.83]``: the row's block-bootstrap interval over test windows, or "-"."""
+    low, high = (finite_or_none(row.get(f"{figure}_ci95_{end}_mean")) for end in ("low", "high"))
+    if low is None or high is None:
+        return "-"
+    scale = 100 if is_fraction(figure) else 1
+    digits = 2 if scale == 100 else 3
+    return f"[{low * scale:.{digits}f}, {high * scale:.{digits}f}]"
 
 
 def _differs_from_teacher(rows: pd.DataFrame) -> bool:
@@ -258,6 +286,8 @@ def table_notes(rows: pd.DataFrame, figure: str) -> list[str]:
     notes += main_figure_notes(records, figure)
     if any(busy(row) for row in records):
         notes.append(BUSY_NOTE)
+    if (unequal := treatment_note(rows)) is not None:
+        notes.append(unequal)
     return notes
 
 
@@ -308,8 +338,8 @@ def main_figure_notes(records: list[dict[str, Any]], figure: str) -> list[str]:
                if row.get("head_untrained") else "the recipe declares its main figure")
         metric = figure.removeprefix("test_")
         shown = (f"its main cell shows {row['main_figure']} instead" if row.get("main_figure") else
-                 f"nothing is shown; declare the figure to read it by (recipe: {{stages: [...], "
-                 f"report: probe_accuracy}})")
+                 "nothing is shown; declare the figure to read it by (recipe: {stages: [...], "
+                 "report: probe_accuracy})")
         notes.append(f"{row['recipe']}: {metric} does not apply ({why}); {shown}, and the row is left "
                      f"out of the ranks, the tests and the Pareto fronts on {metric}.")
     return notes
@@ -371,7 +401,10 @@ def protocol_line(group: ProtocolGroup) -> str:
     load = ""
     if "latency_load_max" in rows and "cpu_count_mean" in rows and rows["latency_load_max"].notna().any():
         load = "; " + describe_load(float(rows["latency_load_max"].max()), rows["cpu_count_mean"].tolist())
-    return f"Protocol {group.fingerprint}: {describe(group.protocol)}{load}."
+    # Every pretrained model of the table, not only the first row's (not fingerprinted).
+    weights = {k: v for p in rows["protocol"].dropna().unique()
+               for k, v in (json.loads(p).get("provenance") or {}).items()}
+    return f"Protocol {group.fingerprint}: {describe({**group.protocol, 'provenance': weights})}{load}."
 
 
 def leaderboard_blocks(summary: pd.DataFrame, by: Sequence[str] = ("task",)) -> list[Block]:

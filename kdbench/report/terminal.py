@@ -19,6 +19,7 @@ import pandas as pd
 from .tables import (BUSY, BUSY_NOTE, STILL_IMPROVING, STILL_IMPROVING_NOTE, ProtocolGroup, _differs_from_teacher,
                      busy, finite_or_none, is_fraction, main_figure_notes, main_label, mark, protocol_groups,
                      protocol_line, shown_figure, stats_direction, still_improving)
+from .treatment import treatment_note
 
 #: The width every line but a table's rows is wrapped to; the quickstart's rows fit in it too.
 WIDTH = 100
@@ -104,6 +105,8 @@ def table_text(group: ProtocolGroup, width: int = WIDTH) -> str:
            "─" * (sum(widths) + len(GAP) * (len(widths) - 1))]
     out += [heading if heading is not None else join(cells) for heading, cells in lines]
     out += [_wrap(text, width, "  ") for text in legend(records, size_label, speed, figure)]
+    if (unequal := treatment_note(rows)) is not None:  # compressed rows not treated alike
+        out.append(_wrap(unequal, width, "  "))
     return "\n".join(out)
 
 

@@ -519,7 +519,7 @@ def check_model(cls, params: dict | None = None, *, data: str | TaskData | None 
                 batch: int = 4, seed: int = 0) -> dict[str, Any]:
     """A model family builds a module whose forward gives finite logits of the task's shape,
     whose feature and attention points exist and fire shallow to deep, and (unless
-    ``pretrained``) which trains.
+    ``pretrained``) which trains; a ``pretrained`` family states its ``provenance``.
 
     ``data``: a ``TaskData``, or one of ``vector`` (64 features), ``image`` (3x32x32),
     ``tokens`` (next-token prediction), ``text`` (token-sequence classification) and
@@ -531,6 +531,10 @@ def check_model(cls, params: dict | None = None, *, data: str | TaskData | None 
     """
     label = _label("model", cls)
     family = _build("model", cls, params)
+    if getattr(cls, "pretrained", False) and not cls.provenance_for(family.params):
+        _fail(label, "class attribute 'provenance'", "is empty, but the family is pretrained",
+              "name the checkpoint the weights come from and their own quantization, e.g. "
+              "'SmolLM2-135M-Instruct (HuggingFaceTB), the Q4_1 GGUF release ..., dequantized to fp32'")
     declared = _declared_data(label, cls)
     if data is None and declared:
         return _check_declared(label, family, declared, batch, seed)

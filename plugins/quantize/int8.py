@@ -2,7 +2,7 @@
 
 ``dynamic-int8``: Linear weights are stored as int8 with a per-tensor scale; activations are
 quantized on the fly at run time, so the matrix products run as int8 kernels (fbgemm / x86 /
-qnnpack engines).
+qnnpack engines). ``skip`` keeps Linear layers in float (an LM head, by path or pattern).
 
 ``static-int8``: weights (per output channel) and activations int8, the activation ranges
 fixed beforehand from calibration batches; Conv/BN/ReLU and Linear/ReLU are fused and run as
@@ -24,11 +24,13 @@ from __future__ import annotations
 import collections
 import dataclasses
 import warnings
+from typing import ClassVar
 
 import torch
 from torch import nn
 
 from kdbench import hookimpl
+from kdbench.calibration import linear_layers
 from kdbench.contracts import CompressionContext, FinetuneParams, Quantizer
 
 
@@ -38,14 +40,29 @@ class DynamicInt8(Quantizer):
     materialized = True
     trainable_after = False
 
+    @dataclasses.dataclass(frozen=True)
+    class Params:
+        # Linear module paths or shell patterns kept in float (an LM head, as the other
+        # quantizers skip it), so that compared quantizers leave the same layers alone.
+        skip: tuple[str, ...] = ()
+
+        ADDED_LATER: ClassVar[tuple[str, ...]] = ("skip",)  # see Ref.spec
+
     def apply(self, model: nn.Module, context: CompressionContext) -> nn.Module:
         model.eval()
+        linears = {name for name, m in model.named_modules() if isinstance(m, nn.Linear)}
+        kept = linear_layers(model, self.params.skip)  # checks every skip entry matches a layer
+        if not kept:
+            raise ValueError("dynamic-int8 quantizes Linear layers; the model has none left after skip")
+        # By module path: quantize_dynamic leaves every module the mapping does not name alone.
+        qconfig = {name: torch.ao.quantization.default_dynamic_qconfig for name in kept}
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # the eager API's deprecation notice
-            quantized = torch.ao.quantization.quantize_dynamic(model, {nn.Linear}, dtype=torch.qint8)
+            quantized = torch.ao.quantization.quantize_dynamic(model, qconfig, dtype=torch.qint8)
         self._report = {"engine": torch.backends.quantized.engine,
                         "quantized_layers": sum(isinstance(m, torch.ao.nn.quantized.dynamic.Linear)
-                                                for m in quantized.modules())}
+                                                for m in quantized.modules()),
+                        "skipped_layers": {name: "listed in skip" for name in sorted(linears - set(kept))}}
         return quantized
 
     def report(self):
@@ -205,7 +222,7 @@ class QAT(Quantizer):
         prepared, leaves = fx_prepare(self.name, model, calibration[:1], qat=True)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            history = context.finetune(prepared, self.params.epochs, self.params.distill_spec)
+            history = context.finetune(prepared, self.params.epochs, self.params.distill)
         quantized, self._report = fx_convert(self.name, model, prepared, leaves)
         self._report["finetune_epochs"] = len(history)
         return quantized

@@ -35,7 +35,9 @@ averaged over in-window contexts of 1..T characters.
 
 Metric ``bpc``: bits per character, the mean next-character cross-entropy in bits
 (``log2(vocab)`` for uniform logits); lower is better. ``extra_metrics`` adds per-character
-``perplexity`` (``2 ** bpc``) and ``next_char_accuracy`` (top-1).
+``perplexity`` (``2 ** bpc``), ``next_char_accuracy`` (top-1), and the 95% block-bootstrap
+intervals of bpc and perplexity over test windows (``bpc_ci95_low`` / ``_high`` ..., see
+``kdbench/bootstrap.py``).
 
 Default pair, measured (``kdbench/experiments/shakespeare-char.yaml``, 3 seeds,
 ``--threads 1`` on 2 shared AMD EPYC cores, torch 2.13 CPU; mean +- std over seeds):
@@ -65,6 +67,7 @@ import torch.nn.functional as F
 from torch.utils.data import TensorDataset
 
 from kdbench import hookimpl
+from kdbench.bootstrap import interval_figures, loss_intervals
 from kdbench.contracts import Task, TaskData
 
 UNK = 0
@@ -187,7 +190,11 @@ class ShakespeareChar(Task):
         bpc = bits_per_char(logits, targets)
         keep = targets != -100
         accuracy = (logits.argmax(dim=-1)[keep] == targets[keep]).float().mean().item()
-        return {"perplexity": 2.0 ** bpc, "next_char_accuracy": accuracy}
+        # What another test sample of this size would give these weights (kdbench/bootstrap.py).
+        intervals = loss_intervals(logits, targets)
+        return {"perplexity": 2.0 ** bpc, "next_char_accuracy": accuracy,
+                **interval_figures("bpc", intervals["bits"]),
+                **interval_figures("perplexity", intervals["perplexity"])}
 
 
 @hookimpl

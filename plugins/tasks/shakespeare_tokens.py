@@ -12,7 +12,8 @@ pass over the training subset to about a minute and an evaluation to about 20 s.
 are parameters, recorded with every result.
 
 Metric: perplexity (exp of the mean cross-entropy per token, natural log; lower is better);
-also next-token accuracy and bits per token.
+also next-token accuracy, bits per token, and the perplexity's 95% block-bootstrap interval
+over test windows (``perplexity_ci95_low`` / ``_high``, see ``kdbench/bootstrap.py``).
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ import torch.nn.functional as F
 from torch.utils.data import TensorDataset
 
 from kdbench import hookimpl
+from kdbench.bootstrap import interval_figures, loss_intervals
 from kdbench.contracts import Task, TaskData
 from kdbench_plugins.tasks.shakespeare import ShakespeareChar, plain_text, windows
 
@@ -118,7 +120,10 @@ class ShakespeareTokens(Task):
     def extra_metrics(self, logits: torch.Tensor, targets: torch.Tensor) -> dict[str, float]:
         keep = targets != -100
         accuracy = (logits.argmax(dim=-1)[keep] == targets[keep]).float().mean().item()
-        return {"next_token_accuracy": accuracy, "bits_per_token": cross_entropy(logits, targets) / math.log(2)}
+        # What another test sample of this size would give these weights (kdbench/bootstrap.py).
+        interval = loss_intervals(logits, targets)["perplexity"]
+        return {"next_token_accuracy": accuracy, "bits_per_token": cross_entropy(logits, targets) / math.log(2),
+                **interval_figures("perplexity", interval)}
 
 
 @hookimpl
