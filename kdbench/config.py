@@ -24,7 +24,7 @@ from .plugins import Plugins
 
 DEFAULT_EXPERIMENT = "quickstart.yaml"
 TOP_LEVEL_KEYS = ("name", "description", "seeds", "tasks", "pairs", "recipes", "training",
-                  "measure", "executor", "teacher_cache")
+                  "measure", "executor", "teacher_cache", "controls")
 PAIR_KEYS = ("teacher", "student", "teacher_training", "student_training")
 STAGE_OPS = ("init", "train", "distill", "finetune", "prune", "quantize", "decompose")
 TRAINING_OPS = ("train", "distill", "finetune")
@@ -189,6 +189,9 @@ class Experiment:
     executor: Ref | None
     source: str
     teacher_cache: TeacherCache | None = None
+    #: Equal-budget controls that kdbench added to ``recipes`` (``controls: auto``), each with
+    #: the compound recipes it serves (see ``kdbench/recipes.py``).
+    derived_controls: Mapping[str, tuple[str, ...]] = dataclasses.field(default_factory=dict)
 
     def cells(self) -> list["Cell"]:
         """The grid: task x pair x recipe x seed, in that nesting order."""
@@ -209,7 +212,7 @@ def measure_spec(measure: Measure) -> dict[str, Any]:
 
 
 #: Config keys stored with a cell for reports, left out of its id (see ``Cell.config``).
-UNHASHED = ("budget", "task_plugin")
+UNHASHED = ("budget", "task_plugin", "control_for")
 
 
 def digest(obj: Any) -> str:
@@ -302,7 +305,10 @@ class Cell:
                 "budget": dataclasses.asdict(base), "task_plugin": self.task.plugin,
                 # Only when set: the cache's tail approximation changes what distillers see.
                 **({"teacher_cache": dataclasses.asdict(self.experiment.teacher_cache)}
-                   if self.experiment.teacher_cache else {})}
+                   if self.experiment.teacher_cache else {}),
+                # A derived equal-budget control says so, for the tables that label it.
+                **({"control_for": list(self.experiment.derived_controls[self.recipe])}
+                   if self.recipe in self.experiment.derived_controls else {})}
 
     def student_training(self, plugins: Plugins) -> Training:
         """The base of the student's training stages: task budget < file < this pair."""
@@ -312,7 +318,7 @@ class Cell:
         if plugins not in self._ids:
             config = self.config(plugins)
             for key in UNHASHED:
-                config.pop(key)
+                config.pop(key, None)
             self._ids[plugins] = digest(config)
         return self._ids[plugins]
 
@@ -429,8 +435,20 @@ def parse_experiment(raw: Any, plugins: Plugins, source: str = "<experiment>") -
     cache = raw.get("teacher_cache")
     teacher_cache = (parse_params(TeacherCache, _mapping(cache, "teacher_cache"), "teacher_cache")
                      if cache is not None else None)
+    recipes, derived = with_controls(raw.get("controls"), recipes, plugins)
     return Experiment(name.strip(), tuple(seeds), tasks, pairs, recipes, training, measure,
-                      executor, source, teacher_cache)
+                      executor, source, teacher_cache, derived)
+
+
+def with_controls(raw: Any, recipes: dict[str, tuple[Stage, ...]], plugins: Plugins
+                  ) -> tuple[dict[str, tuple[Stage, ...]], dict[str, tuple[str, ...]]]:
+    """The ``controls`` key applied: with ``auto``, the recipes plus the derived equal-budget
+    controls and the compounds each serves (see ``kdbench/recipes.py``)."""
+    from . import recipes as relations  # it builds on this module's Stage
+
+    if relations.parse_controls(raw) != "auto":
+        return recipes, {}
+    return relations.derive_controls(recipes, plugins)
 
 
 def parse_ref(plugins: Plugins, kind: str, raw: Any, where: str) -> Ref:
