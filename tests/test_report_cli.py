@@ -121,6 +121,9 @@ def test_report_folder_has_everything_and_opens_in_a_browser(run, capsys):
     assert "this file regenerates 9 of the 9 stored student rows" in readme
     assert f"kdbench report {path} --store {db} --output {out}" in readme
     assert "name: tiny-report" in readme and "torch:" in readme
+    # Under the leaderboard, each row's resolved stages and what it is compared with.
+    recipes = readme[readme.index("**Recipes of the table above: resolved stages and references**"):]
+    assert "| kd+int8 | distill:hinton(temperature=4) \\> quantize:dynamic-int8 | kd\\<i\\>&co_50% | parent |" in recipes
     for png in pngs:
         assert f"figures/{png.name}" in readme
     html = (out / "index.html").read_text()

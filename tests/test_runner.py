@@ -255,3 +255,25 @@ def test_a_task_is_loaded_once_per_process_for_every_phase_and_runner(plugins, t
     run(plugins, tiny_yaml(), tmp_path / "r.db", isolated_cache)
     run(plugins, tiny_yaml(TINY.replace("seeds: [0]", "seeds: [1]")), tmp_path / "r.db", isolated_cache)
     assert len(loads) == 1
+
+
+def test_a_derived_control_trains_exactly_what_its_compound_adds(plugins, tiny_yaml, tmp_path, isolated_cache):
+    """gradual pruning fine-tunes twice for 2 epochs with Hinton KD: its control, derived by
+    ``controls: auto``, is the KD student fine-tuned the same way, and the table compares them."""
+    from kdbench.report.summary import frame, summarize
+
+    text = TINY.replace("  kd+int8: [{distill: hinton}, {quantize: dynamic-int8}]\n",
+                        "  kd+gradual: [{distill: hinton}, {prune: {name: gradual, sparsity: 0.5, steps: 2, "
+                        "epochs_per_step: 2, distill: hinton}}]\ncontrols: auto\n")
+    summary, records = run(plugins, tiny_yaml(text), tmp_path / "r.db", isolated_cache)
+    assert summary.exit_code == 0 and summary.done == 4
+    students = {r.recipe: r for r in records if r.role == "student"}
+    gradual, control = students["kd+gradual"], students["kd+2xft2:hinton"]
+    # The parent's stage is trained alike; what comes after trains exactly as many epochs.
+    assert len(gradual.stages[0]["history"]) == len(control.stages[0]["history"]) == 3
+    assert len(gradual.stages[1]["history"]) == 4
+    assert [len(s["history"]) for s in control.stages[1:]] == [2, 2]
+    assert [s["name"] for s in control.stages[1:]] == ["hinton", "hinton"]
+    board = summarize(frame(records, plugins)).set_index("label")
+    assert board.loc["kd+gradual", "reference_label"] == "kd+2xft2:hinton"
+    assert board.loc["kd+2xft2:hinton", "reference_label"] == "kd" and board.loc["kd+2xft2:hinton", "derived"]
