@@ -216,3 +216,18 @@ def test_latest_only_keeps_the_newest_configuration_and_says_so(plugins, tiny_ra
     table = pd.read_csv(io.StringIO(latest.out)).set_index("label")
     assert list(table.index).count("kd-t8") == 1 and table.loc["kd-t8", "stages"] == "distill:hinton(temperature=6)"
     assert "left out 3 result(s) of an earlier configuration" in latest.err
+
+
+def test_students_of_a_teacher_trained_differently_are_another_configuration(plugins, tiny_raw):
+    records = []
+    for epochs, finished, accuracy in ((3, "2026-01-01T00:00:00", 0.8), (5, "2026-02-01T00:00:00", 0.9)):
+        raw = {**tiny_raw, "seeds": list(SEEDS), "recipes": {"kd": [{"distill": "hinton"}]}}
+        raw["pairs"] = [{**tiny_raw["pairs"][0], "teacher_training": {"epochs": epochs}}]
+        exp = parse_experiment(raw, plugins)
+        records += stored(exp, plugins, {"teacher": [0.97] * 3, "kd": [accuracy] * 3}, finished)
+    s = summarize(frame(records, plugins))
+    assert row(s, "kd [teacher_training.epochs=3]").test_accuracy_mean == pytest.approx(0.8)
+    assert row(s, "kd [teacher_training.epochs=5]").test_accuracy_mean == pytest.approx(0.9)
+    assert set(s.loc[s.is_teacher, "label"]) == {"teacher [training.epochs=3]", "teacher [training.epochs=5]"}
+    # Each is compared with (and relative to) its own teacher.
+    assert row(s, "kd [teacher_training.epochs=5]").reference_label == "teacher [training.epochs=5]"

@@ -21,7 +21,7 @@ from ..errors import KdbenchError
 from ..store import Record
 from . import figures, output, published, render
 from .document import Block, Code, Figure, Heading, Paragraph, Table
-from .references import config_id
+from .references import config_id, teacher_trainings
 from .summary import aggregate_ranks
 from .tables import is_fraction, is_own_reference, leaderboard_blocks, ranks_table, row_label, row_references
 
@@ -69,12 +69,13 @@ def _group_histories(records: Sequence[Record], experiment: str, task: str, teac
     """The last training stage's history of each seed, per row label (``labels``: a recipe's
     configurations by (recipe, config id), where one recipe has several)."""
     out: dict[str, list[list[dict]]] = {}
+    teachers = teacher_trainings([r for r in records if r.ok]) if labels else {}
     for r in records:
         if (r.ok and r.role == "student" and (r.experiment, r.task, r.teacher, r.student)
                 == (experiment, task, teacher, student)):
             trained = [s["history"] for s in r.stages if s.get("history")]
             if trained:
-                label = (labels or {}).get((r.recipe, config_id(r)), r.recipe)
+                label = (labels or {}).get((r.recipe, config_id(r, teachers)), r.recipe)
                 out.setdefault(label, []).append(trained[-1])
     return out
 

@@ -47,8 +47,24 @@ def variant_config(record: Record) -> dict[str, Any]:
     return {k: v for k, v in record.config.items() if k not in PER_SEED}
 
 
-def config_id(record: Record) -> str:
-    return digest(variant_config(record))[:8]
+def config_id(record: Record, teachers: dict[str, Any] | None = None) -> str:
+    return digest(_variant(record, teachers))[:8]
+
+
+def teacher_trainings(records: Sequence[Record]) -> dict[str, Any]:
+    """The training of each stored teacher, by the key its students record (``teacher_key``)."""
+    return {digest(r.config): r.config.get("training") for r in records if r.role == "teacher"}
+
+
+def _variant(record: Record, teachers: dict[str, Any] | None) -> dict[str, Any]:
+    """:func:`variant_config`, with the training of the student's teacher where the store holds
+    it: a student's config names its teacher only by a per-seed key, and students of a teacher
+    trained longer are another configuration."""
+    out = variant_config(record)
+    key = record.config.get("teacher_key")
+    if record.role == "student" and teachers and key in teachers:
+        out["teacher_training"] = teachers[key]
+    return out
 
 
 def budget_of(config: dict[str, Any]) -> dict[str, Any] | None:
@@ -61,9 +77,10 @@ def budget_of(config: dict[str, Any]) -> dict[str, Any] | None:
     return plain(budget) if budget is not None else None
 
 
-def record_facts(record: Record, plugins=None) -> dict[str, Any]:
+def record_facts(record: Record, plugins=None, teachers: dict[str, Any] | None = None) -> dict[str, Any]:
     """The columns ``frame`` adds to a record's row: its configuration id and resolved stages,
-    whether it is a derived control, and what finding its parent and control needs."""
+    whether it is a derived control, and what finding its parent and control needs.
+    ``teachers``: :func:`teacher_trainings` of the records."""
     config = record.config
     if record.role == "teacher":
         specs: list[dict] = [INIT_TEACHER_SPEC]
@@ -78,11 +95,12 @@ def record_facts(record: Record, plugins=None) -> dict[str, Any]:
         training = [spec_training(spec, budget, plugins, bool(i < len(logs) and logs[i].get("history")))
                     for i, spec in enumerate(specs)]
         teacher_key = config.get("teacher_key")
-    return {"config_id": config_id(record), "stages": text, "derived": bool(config.get("control_for")),
+    variant = _variant(record, teachers)
+    return {"config_id": digest(variant)[:8], "stages": text, "derived": bool(config.get("control_for")),
             "finished_at": record.finished_at, "teacher_key": teacher_key,
             "_stages_spec": json.dumps(specs, sort_keys=True), "_training_spec": json.dumps(training, sort_keys=True),
             "_context": digest({k: config.get(k) for k in CONTEXT}),
-            "_variant": json.dumps(variant_config(record), sort_keys=True, default=str)}
+            "_variant": json.dumps(variant, sort_keys=True, default=str)}
 
 
 def aggregate(grouped) -> pd.DataFrame:
@@ -152,9 +170,11 @@ def variant_tags(configs: Sequence[dict], ids: Sequence[str]) -> list[str]:
 
 
 def _unique_suffixes(paths: list[tuple]) -> dict[tuple, str]:
+    """A stage's parameter by its name (``temperature``), anything else with its parent
+    (``teacher_training.epochs``), longer where that is not unique."""
     out = {}
     for path in paths:
-        for n in range(1, len(path) + 1):
+        for n in range(1 if path[0] == "stages" else min(2, len(path)), len(path) + 1):
             if sum(p[-n:] == path[-n:] for p in paths) == 1 or n == len(path):
                 out[path] = ".".join(path[-n:])
                 break

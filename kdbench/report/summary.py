@@ -79,6 +79,7 @@ def frame(records: Sequence[Record], plugins=None) -> pd.DataFrame:
     fingerprint), since a teacher is the reference point of every table its students are in.
     """
     rows = []
+    teachers = references.teacher_trainings([r for r in records if r.ok])
     for r in records:
         if not r.ok:
             continue
@@ -92,7 +93,7 @@ def frame(records: Sequence[Record], plugins=None) -> pd.DataFrame:
                      "fingerprint": fingerprint(protocol(r, plugins)) if r.role == "student" else None,
                      "protocol": json.dumps(protocol(r, plugins), sort_keys=True, default=str),
                      "metric": metric, "higher_is_better": higher, **metrics,
-                     **references.record_facts(r, plugins)})
+                     **references.record_facts(r, plugins, teachers)})
     df = pd.DataFrame(rows)
     if df.empty:
         return df
