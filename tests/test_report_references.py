@@ -231,3 +231,12 @@ def test_students_of_a_teacher_trained_differently_are_another_configuration(plu
     assert set(s.loc[s.is_teacher, "label"]) == {"teacher [training.epochs=3]", "teacher [training.epochs=5]"}
     # Each is compared with (and relative to) its own teacher.
     assert row(s, "kd [teacher_training.epochs=5]").reference_label == "teacher [training.epochs=5]"
+
+
+def test_the_method_figure_names_each_rows_reference(quickstart, tmp_path):
+    from kdbench.report import figures
+
+    pair = quickstart[quickstart.is_teacher | (quickstart.student == "mlp(hidden=[32])")]
+    dots = dict(figures.method_bars(pair, tmp_path / "bars", "digits"))
+    assert "kd+int8 vs kd" in dots and "kd vs scratch" in dots
+    assert "kd+prune vs kd+ft3" in dots and dots["scratch"] == figures.REFERENCE

@@ -359,6 +359,9 @@ def method_bars(summary: pd.DataFrame, out_stem: Path, title: str, reference: st
            if "reference_label" in rows else [False] * len(rows))
     is_reference = np.array([(reference is not None and str(r) == reference) or o
                              for r, o in zip(rows["recipe"], own, strict=True)], dtype=bool)
+    if reference is None and "reference_label" in rows:  # rows with references of their own: named
+        labels = [lab if is_reference[i] or not isinstance(r, str) else f"{lab} vs {r}"
+                  for i, (lab, r) in enumerate(zip(labels, rows["reference_label"], strict=True))]
     categories = [REFERENCE if is_reference[i] else category(significant[i], delta[i], higher, compared[i])
                   for i in range(len(rows))]
     # Best first; rows without a number last, in their given order.
@@ -389,7 +392,8 @@ def method_bars(summary: pd.DataFrame, out_stem: Path, title: str, reference: st
     for value in sorted(set(mean[is_reference & np.isfinite(mean)])):
         ax.axvline(value, color="#444444", linestyle=":", lw=1.2, zorder=1)
     if (is_reference & np.isfinite(mean)).any():
-        handles.append(Line2D([], [], color="#444444", linestyle=":", label=f"reference: {reference}"))
+        handles.append(Line2D([], [], color="#444444", linestyle=":",
+                              label=f"reference: {reference}" if reference else "reference"))
     ax.set_xlabel(_quality_label("test", metric, higher)
                   + f", mean and 95% CI over seeds (CI from {MIN_INTERVAL_SEEDS} seeds)", parse_math=False)
     ax.set_title(_wrap(title), parse_math=False)
