@@ -88,11 +88,12 @@ def cmd_run(args) -> int:
         executor.close()
     # The statistics' libraries (pandas, scipy) load only now, not before bad input is refused.
     from .report import render
-    from .report.summary import frame, latest_configs, summarize
+    from .report.summary import frame, summarize
     from .report.tables import leaderboard_blocks
     from .report.terminal import terminal_view
 
-    records, _ = latest_configs(records)
+    # Results of an earlier version of the file stay in the store: each configuration is a
+    # row of its own, labelled with what differs.
     board = summarize(frame(records, plugins))
     print(render.to_markdown(leaderboard_blocks(board)) if args.wide else terminal_view(board), end="")
     print(f"{summary.total} cells: {summary.done} run now, {summary.skipped} not for this run, "
@@ -312,7 +313,8 @@ def load_summary(args, plugins):
             records = [r for r in records if any(fnmatch.fnmatchcase(getattr(r, flag), p) for p in patterns)
                        or (flag in ("recipe", "student") and r.role == "teacher")]
     filtered = bool(args.experiment or any(getattr(args, f) for f in ("task", "teacher", "student", "recipe")))
-    records, notes = latest_configs(records)
+    # By default each configuration of a recipe is a labelled row; --latest-only keeps the newest.
+    records, notes = latest_configs(records) if args.latest_only else (records, [])
     if not any(r.ok for r in records):
         failed = sum(not r.ok for r in records)
         where = ", ".join(stores)
@@ -447,8 +449,13 @@ def add_selection(parser: argparse.ArgumentParser, experiment_flag: bool = True)
     for flag in ("task", "teacher", "student", "recipe"):
         parser.add_argument(f"--{flag}", action="append", metavar="PATTERN",
                             help=f"only rows whose {flag} matches this shell pattern (repeatable)")
-    parser.add_argument("--reference", help="recipe every row is compared with, paired by seed "
-                        "(default: scratch, else dense, else the teacher's row; 'teacher' for the teacher)")
+    parser.add_argument("--reference", help="recipe every row is compared with, paired by seed (default: "
+                        "by construction: a compound recipe's parent, or its equal-budget control when it "
+                        "trains more; else scratch, else dense, else the teacher's row; 'teacher' for the teacher)")
+    parser.add_argument("--latest-only", action="store_true",
+                        help="of a recipe run under several configurations (the experiment file changed between "
+                        "runs), show only the one that finished last and note the rest on stderr (default: "
+                        "each configuration is its own row, labelled with what differs)")
     parser.add_argument("--metric", help="figure compared and ranked (default: the task's test metric), "
                         "e.g. last_epoch_test_accuracy, teacher_agreement, latency_b1_ms")
     parser.add_argument("--by", action="append", metavar="COLUMN",

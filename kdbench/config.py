@@ -27,7 +27,7 @@ from .plugins import Plugins
 
 DEFAULT_EXPERIMENT = "quickstart.yaml"
 TOP_LEVEL_KEYS = ("name", "description", "seeds", "tasks", "pairs", "recipes", "training",
-                  "measure", "executor", "teacher_cache")
+                  "measure", "executor", "teacher_cache", "controls")
 PAIR_KEYS = ("teacher", "student", "teacher_training", "student_training")
 STAGE_OPS = ("init", "train", "distill", "finetune", "prune", "quantize", "decompose")
 TRAINING_OPS = ("train", "distill", "finetune")
@@ -229,6 +229,9 @@ class Experiment:
     #: A recipe's declared main figure (``report:`` of its mapping form), where its task
     #: metric does not apply (an untrained head): what its rows show and are read by.
     reports: Mapping[str, str] = dataclasses.field(default_factory=dict)
+    #: Equal-budget controls that kdbench added to ``recipes`` (``controls: auto``), each with
+    #: the compound recipes it serves (see ``kdbench/recipes.py``).
+    derived_controls: Mapping[str, tuple[str, ...]] = dataclasses.field(default_factory=dict)
 
     def cells(self) -> list["Cell"]:
         """The grid: task x pair x recipe x seed, in that nesting order."""
@@ -260,7 +263,7 @@ def measure_spec(measure: Measure) -> dict[str, Any]:
 
 
 #: Config keys stored with a cell for reports, left out of its id (see ``Cell.config``).
-UNHASHED = ("budget", "task_plugin", "provenance")
+UNHASHED = ("budget", "task_plugin", "provenance", "control_for")
 
 
 def digest(obj: Any) -> str:
@@ -369,6 +372,9 @@ class Cell:
                 # Only when declared: recipes of the list form keep their ids.
                 **({"report": self.experiment.reports[self.recipe]}
                    if self.recipe in self.experiment.reports else {}),
+                # A derived equal-budget control says so, for the tables that label it.
+                **({"control_for": list(self.experiment.derived_controls[self.recipe])}
+                   if self.recipe in self.experiment.derived_controls else {}),
                 **({"provenance": provenance} if (provenance := self.provenance(plugins)) else {})}
 
     def provenance(self, plugins: Plugins) -> dict[str, str]:
@@ -387,7 +393,7 @@ class Cell:
         if plugins not in self._ids:
             config = self.config(plugins)
             for key in UNHASHED:
-                config.pop(key, None)  # provenance: only where a model has one
+                config.pop(key, None)  # provenance, control_for: only where a cell has one
             self._ids[plugins] = digest(config)
         return self._ids[plugins]
 
@@ -508,8 +514,20 @@ def parse_experiment(raw: Any, plugins: Plugins, source: str = "<experiment>") -
     reports = {rname: report for rname, (_, report, _) in forms.items() if report is not None}
     for rname, report in reports.items():
         check_main_figure(report, measure, f"recipes.{rname}.report")
+    recipes, derived = with_controls(raw.get("controls"), recipes, plugins)
     return Experiment(name.strip(), tuple(seeds), tasks, pairs, recipes, training, measure,
-                      executor, source, teacher_cache, reports)
+                      executor, source, teacher_cache, reports=reports, derived_controls=derived)
+
+
+def with_controls(raw: Any, recipes: dict[str, tuple[Stage, ...]], plugins: Plugins
+                  ) -> tuple[dict[str, tuple[Stage, ...]], dict[str, tuple[str, ...]]]:
+    """The ``controls`` key applied: with ``auto``, the recipes plus the derived equal-budget
+    controls and the compounds each serves (see ``kdbench/recipes.py``)."""
+    from . import recipes as relations  # it builds on this module's Stage
+
+    if relations.parse_controls(raw) != "auto":
+        return recipes, {}
+    return relations.derive_controls(recipes, plugins)
 
 
 def parse_ref(plugins: Plugins, kind: str, raw: Any, where: str,

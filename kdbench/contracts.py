@@ -270,6 +270,16 @@ class Compressor(Component):
         """What the last ``apply`` did (ranks chosen, sparsity reached ...), for the record."""
         return {}
 
+    @classmethod
+    def finetune_schedule(cls, params: Any) -> list[tuple[int, Any]]:
+        """The fine-tuning ``apply`` does through ``context.finetune`` with ``params``: one
+        ``(epochs, distill)`` per call, in order, ``distill`` as passed to the call (None for
+        cross-entropy). Empty for compressors that do not train. kdbench repeats exactly this
+        training, without the compression, in the equal-budget control of a recipe
+        (``controls: auto``); a compressor whose ``Params`` extend ``FinetuneParams`` must
+        override it."""
+        return []
+
 
 class Pruner(Compressor):
     """Sets weights to zero (unstructured) or removes structures (channels, heads)."""

@@ -19,8 +19,10 @@ from conftest import TINY
 def test_embedded_default_is_the_documented_grid(plugins):
     exp = load_experiment(None, plugins)
     assert exp.name == "quickstart"
-    assert list(exp.recipes) == ["scratch", "kd", "kd+prune", "kd+int8", "kd+svd", "teacher+prune"]
-    assert len(exp.cells()) == 1 * 1 * 6 * 3
+    # Six declared recipes, then the two equal-budget controls that 'controls: auto' derives.
+    assert list(exp.recipes) == ["scratch", "kd", "kd+prune", "kd+int8", "kd+svd", "teacher+prune",
+                                 "kd+ft3", "teacher+ft3:hinton"]
+    assert len(exp.cells()) == 1 * 1 * 8 * 3
     kd = exp.recipes["kd"][0]
     assert (kd.op, kd.ref.name, kd.ref.params.temperature, kd.ref.params.alpha) == ("distill", "hinton", 4.0, 0.9)
     finetune = exp.recipes["teacher+prune"][2]

@@ -83,9 +83,10 @@ def test_markdown_latex_and_html_show_the_same_number(run, capsys):
 def test_filters_reference_metric_and_grouping(run, capsys):
     _, db, _ = run
     kd_only = pd.read_csv(io.StringIO(board(capsys, db, "--format", "csv", "--recipe", "kd*")))
-    # The teacher's row stays with any recipe filter; without scratch the teacher is the reference.
+    # The teacher's row stays with any recipe filter; without scratch the teacher is the reference
+    # of the KD row, and the KD row that of its compound (kd+int8 = the KD recipe + int8).
     assert list(kd_only["recipe"]) == ["teacher", ODD, "kd+int8"]
-    assert set(kd_only["reference"].dropna()) == {"teacher"}
+    assert kd_only.set_index("recipe")["reference"].dropna().to_dict() == {ODD: "teacher", "kd+int8": ODD}
     chosen = pd.read_csv(io.StringIO(board(capsys, db, "--format", "csv", "--reference", "kd+int8",
                                            "--metric", "teacher_agreement")))
     odd = chosen.set_index("recipe").loc[ODD]
@@ -120,6 +121,9 @@ def test_report_folder_has_everything_and_opens_in_a_browser(run, capsys):
     assert "this file regenerates 9 of the 9 stored student rows" in readme
     assert f"kdbench report {path} --store {db} --output {out}" in readme
     assert "name: tiny-report" in readme and "torch:" in readme
+    # Under the leaderboard, each row's resolved stages and what it is compared with.
+    recipes = readme[readme.index("**Recipes of the table above: resolved stages and references**"):]
+    assert "| kd+int8 | distill:hinton(temperature=4) \\> quantize:dynamic-int8 | kd\\<i\\>&co_50% | parent |" in recipes
     for png in pngs:
         assert f"figures/{png.name}" in readme
     html = (out / "index.html").read_text()
@@ -133,7 +137,10 @@ def test_report_folder_has_everything_and_opens_in_a_browser(run, capsys):
     dom = DomReader()
     dom.feed(chromium(out / "index.html", "--dump-dom"))
     table = pd.read_csv(out / "leaderboard.csv").set_index("recipe")
-    by_recipe = {r[0].split(" ")[0]: r for r in dom.rows if r}
+    by_recipe: dict = {}
+    for r in dom.rows:  # the leaderboard's row, before that of the recipes table under it
+        if r:
+            by_recipe.setdefault(r[0].split(" ")[0], r)
     expected = f"{100 * table.loc['kd+int8', 'test_accuracy_mean']:.2f} ± {100 * table.loc['kd+int8', 'test_accuracy_std']:.2f}"
     assert expected in by_recipe["kd+int8"]
     assert ODD in by_recipe and dom.scripts == 0

@@ -132,7 +132,8 @@ def test_cli_exit_codes_and_leaderboard_formats(tiny_yaml, tmp_path, capsys):
     assert main(["run", str(tiny_yaml()), "--store", db, "--quiet"]) == 0
     out = capsys.readouterr().out
     assert "task digits: mlp(hidden=[64]) → mlp(hidden=[16])" in out
-    assert re.search(r"^teacher +1 ", out, re.M) and re.search(r"^kd\+int8 +1 ", out, re.M)
+    # kd+int8 is compared with kd, the recipe it begins with: under its own heading.
+    assert re.search(r"^teacher +1 ", out, re.M) and re.search(r"^Δ vs kd\n  kd\+int8 +1 ", out, re.M)
     assert main(["leaderboard", "--store", db, "--format", "csv"]) == 0
     import io
 
@@ -142,14 +143,15 @@ def test_cli_exit_codes_and_leaderboard_formats(tiny_yaml, tmp_path, capsys):
     assert {"test_accuracy_mean", "test_accuracy_std", "size_bytes_mean", "n"} <= set(table.columns)
     output = tmp_path / "board.md"
     assert main(["leaderboard", "--store", db, "--output", str(output)]) == 0
-    assert "| recipe | n | accuracy % ↑ | 95% CI | Δ vs scratch [95% CI] | p | rank |" in output.read_text()
+    assert ("| recipe | n | accuracy % ↑ | 95% CI | reference | Δ vs reference [95% CI] | p | rank |"
+            in output.read_text())
     assert main(["leaderboard", "--store", str(tmp_path / "missing.db")]) == 2
     assert main(["leaderboard", "--store", db, "--experiment", "tiyn"]) == 2
     assert "did you mean 'tiny'" in capsys.readouterr().err
     assert main(["run", str(tiny_yaml()), "--store", db, "--executor", "nope"]) == 2
 
 
-def test_a_changed_experiment_reports_only_its_latest_configuration(tiny_yaml, tmp_path, capsys):
+def test_a_changed_experiment_keeps_its_configurations_apart(tiny_yaml, tmp_path, capsys):
     db = str(tmp_path / "r.db")
     two_seeds = TINY.replace("seeds: [0]", "seeds: [0, 1]").replace(
         "  kd+int8: [{distill: hinton}, {quantize: dynamic-int8}]\n", "")
@@ -169,7 +171,12 @@ def test_a_changed_experiment_reports_only_its_latest_configuration(tiny_yaml, t
 
     import pandas as pd
     table = pd.read_csv(io.StringIO(captured.out))
-    assert list(table["n"]) == [2, 2, 2]
+    # Both budgets are reported, each under its own protocol (with its teacher), none averaged.
+    assert list(table["n"]) == [2] * 6 and table["fingerprint"].nunique() == 2
+    assert sorted(table["recipe"]) == ["kd", "kd", "scratch", "scratch", "teacher", "teacher"]
+    assert main(["leaderboard", "--store", db, "--format", "csv", "--latest-only"]) == 0
+    captured = capsys.readouterr()
+    assert list(pd.read_csv(io.StringIO(captured.out))["n"]) == [2, 2, 2]
     assert "scratch: left out 2 result(s) of an earlier configuration" in captured.err
 
 
@@ -362,3 +369,25 @@ def test_a_head_that_training_never_updates_is_recorded(plugins, tiny_yaml, tmp_
     # A copy of the teacher has the teacher's trained head, whatever its own stages train.
     assert by["copy"].metrics["head_trained"] == 1.0 and by["copy"].stages[-1]["never_updated"] == [
         "head.weight", "head.bias"]
+
+
+def test_a_derived_control_trains_exactly_what_its_compound_adds(plugins, tiny_yaml, tmp_path, isolated_cache):
+    """gradual pruning fine-tunes twice for 2 epochs with Hinton KD: its control, derived by
+    ``controls: auto``, is the KD student fine-tuned the same way, and the table compares them."""
+    from kdbench.report.summary import frame, summarize
+
+    text = TINY.replace("  kd+int8: [{distill: hinton}, {quantize: dynamic-int8}]\n",
+                        "  kd+gradual: [{distill: hinton}, {prune: {name: gradual, sparsity: 0.5, steps: 2, "
+                        "epochs_per_step: 2, distill: hinton}}]\ncontrols: auto\n")
+    summary, records = run(plugins, tiny_yaml(text), tmp_path / "r.db", isolated_cache)
+    assert summary.exit_code == 0 and summary.done == 4
+    students = {r.recipe: r for r in records if r.role == "student"}
+    gradual, control = students["kd+gradual"], students["kd+2xft2:hinton"]
+    # The parent's stage is trained alike; what comes after trains exactly as many epochs.
+    assert len(gradual.stages[0]["history"]) == len(control.stages[0]["history"]) == 3
+    assert len(gradual.stages[1]["history"]) == 4
+    assert [len(s["history"]) for s in control.stages[1:]] == [2, 2]
+    assert [s["name"] for s in control.stages[1:]] == ["hinton", "hinton"]
+    board = summarize(frame(records, plugins)).set_index("label")
+    assert board.loc["kd+gradual", "reference_label"] == "kd+2xft2:hinton"
+    assert board.loc["kd+2xft2:hinton", "reference_label"] == "kd" and board.loc["kd+2xft2:hinton", "derived"]

@@ -40,10 +40,19 @@ def test_run_ends_with_a_table_that_fits_a_terminal(quickstart, capsys):
         assert column in header
     assert lines[lines.index(header) + 1] == "─" * len(lines[lines.index(header) + 1])  # the rule
     assert "task digits (protocol " in out and "Protocol " in out
-    # Two students: each one's recipes under its label, with the reference they are compared to.
-    assert "mlp(hidden=[32]) (Δ vs scratch)" in lines and "mlp(hidden=[512,512]) (Δ vs teacher)" in lines
-    rows = {line.split()[0]: line for line in lines if line.startswith(("teacher ", "  "))}
-    for recipe in ("teacher", "scratch", "kd", "kd+prune", "kd+int8", "kd+svd", "teacher+prune"):
+    # Two students: each one's recipes under its label and the reference they are compared to:
+    # compound recipes with their parent (kd), or with the parent trained as long (kd+ft3).
+    for heading in ("mlp(hidden=[32]) (Δ vs scratch)", "mlp(hidden=[32]) (Δ vs kd)", "mlp(hidden=[32]) (Δ vs kd+ft3)",
+                    "mlp(hidden=[512,512]) (Δ vs teacher)", "mlp(hidden=[512,512]) (Δ vs teacher+ft3:hinton)"):
+        assert heading in lines, heading
+    after = lines[lines.index("mlp(hidden=[32]) (Δ vs kd+ft3)") + 1:]
+    assert [line.split()[0] for line in after[:2]] == ["kd+prune", "kd+svd"]
+    rows = {line.split()[0]: line for line in lines if line.startswith(("teacher ", "  ")) and ": " not in line}
+    assert rows["kd+ft3"].endswith("§") or " § " in rows["kd+ft3"]  # derived by controls: auto
+    assert "Recipes (resolved stages):" in lines
+    assert "  kd+ft3: distill:hinton(temperature=4) > finetune(3)" in lines
+    for recipe in ("teacher", "scratch", "kd", "kd+prune", "kd+int8", "kd+svd", "teacher+prune", "kd+ft3",
+                   "teacher+ft3:hinton"):
         assert recipe in rows, recipe
         assert re.search(r" 3  \d+\.\d\d ± \d+\.\d\d \[\d+\.\d\d, \d+\.\d\d\]", rows[recipe])  # n, mean ± std [CI]
     assert "(reference)" in rows["scratch"]

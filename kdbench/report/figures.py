@@ -114,7 +114,8 @@ def _intervals(summary: pd.DataFrame, metric: str) -> np.ndarray:
 
 
 def _row_labels(summary: pd.DataFrame) -> list[str]:
-    """The recipe, plus the student (teacher) when the rows hold more than one."""
+    """The recipe (with what tells two of its configurations apart), plus the student (teacher)
+    when the rows hold more than one."""
     teacher = _flag(summary, "is_teacher", False)
     students = set(summary.loc[~teacher, "student"]) if "student" in summary else set()
     teachers = set(summary.loc[teacher, "teacher"]) if "teacher" in summary else set()
@@ -123,7 +124,8 @@ def _row_labels(summary: pd.DataFrame) -> list[str]:
         if is_teacher:
             labels.append(f"teacher ({row['teacher']})" if len(teachers) > 1 else "teacher")
         else:
-            labels.append(f"{row['recipe']} ({row['student']})" if len(students) > 1 else str(row["recipe"]))
+            recipe = row["label"] if isinstance(row.get("label"), str) else str(row["recipe"])
+            labels.append(f"{recipe} ({row['student']})" if len(students) > 1 else recipe)
     return labels
 
 
@@ -349,7 +351,17 @@ def method_bars(summary: pd.DataFrame, out_stem: Path, title: str, reference: st
     delta = _numbers(rows, "delta_mean")
     significant = list(rows["significant"]) if "significant" in rows else [None] * len(rows)
     compared = [not _missing(r) for r in rows["reference"]] if "reference" in rows else [True] * len(rows)
-    is_reference = np.array([reference is not None and str(r) == reference for r in rows["recipe"]], dtype=bool)
+    if "uncontrolled" in rows:  # extra training without an equal-budget control: not compared
+        compared = [c and r is not True for c, r in zip(compared, rows["uncontrolled"], strict=True)]
+    # The reference named, and any row that is its own (each row has its own reference).
+    names = rows["label"] if "label" in rows else rows["recipe"]
+    own = ([isinstance(r, str) and r == name for r, name in zip(rows["reference_label"], names, strict=True)]
+           if "reference_label" in rows else [False] * len(rows))
+    is_reference = np.array([(reference is not None and str(r) == reference) or o
+                             for r, o in zip(rows["recipe"], own, strict=True)], dtype=bool)
+    if reference is None and "reference_label" in rows:  # rows with references of their own: named
+        labels = [lab if is_reference[i] or not isinstance(r, str) else f"{lab} vs {r}"
+                  for i, (lab, r) in enumerate(zip(labels, rows["reference_label"], strict=True))]
     categories = [REFERENCE if is_reference[i] else category(significant[i], delta[i], higher, compared[i])
                   for i in range(len(rows))]
     # Best first; rows without a number last, in their given order.
@@ -380,7 +392,8 @@ def method_bars(summary: pd.DataFrame, out_stem: Path, title: str, reference: st
     for value in sorted(set(mean[is_reference & np.isfinite(mean)])):
         ax.axvline(value, color="#444444", linestyle=":", lw=1.2, zorder=1)
     if (is_reference & np.isfinite(mean)).any():
-        handles.append(Line2D([], [], color="#444444", linestyle=":", label=f"reference: {reference}"))
+        handles.append(Line2D([], [], color="#444444", linestyle=":",
+                              label=f"reference: {reference}" if reference else "reference"))
     ax.set_xlabel(_quality_label("test", metric, higher)
                   + f", mean and 95% CI over seeds (CI from {MIN_INTERVAL_SEEDS} seeds)", parse_math=False)
     ax.set_title(_wrap(title), parse_math=False)

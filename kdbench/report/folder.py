@@ -21,8 +21,9 @@ from ..errors import KdbenchError
 from ..store import Record
 from . import figures, output, published, render
 from .document import Block, Code, Figure, Heading, Paragraph, Table
+from .references import config_id, teacher_trainings
 from .summary import aggregate_ranks
-from .tables import is_fraction, leaderboard_blocks, ranks_table
+from .tables import is_fraction, is_own_reference, leaderboard_blocks, ranks_table, row_label, row_references
 
 
 @dataclasses.dataclass
@@ -64,14 +65,18 @@ def slug(text: str) -> str:
 
 
 def _group_histories(records: Sequence[Record], experiment: str, task: str, teacher: str,
-                     student: str) -> dict[str, list[list[dict]]]:
+                     student: str, labels: dict[tuple, str] | None = None) -> dict[str, list[list[dict]]]:
+    """The last training stage's history of each seed, per row label (``labels``: a recipe's
+    configurations by (recipe, config id), where one recipe has several)."""
     out: dict[str, list[list[dict]]] = {}
+    teachers = teacher_trainings([r for r in records if r.ok]) if labels else {}
     for r in records:
         if (r.ok and r.role == "student" and (r.experiment, r.task, r.teacher, r.student)
                 == (experiment, task, teacher, student)):
             trained = [s["history"] for s in r.stages if s.get("history")]
             if trained:
-                out.setdefault(r.recipe, []).append(trained[-1])
+                label = (labels or {}).get((r.recipe, config_id(r, teachers)), r.recipe)
+                out.setdefault(label, []).append(trained[-1])
     return out
 
 
@@ -97,11 +102,16 @@ def figure_blocks(summary: pd.DataFrame, records: Sequence[Record], out: Path) -
             title = f"{task}: {teacher} → {student}"
             if len(pair) > 1:
                 stem = Path("figures") / f"{tag}-methods"
-                reference = next((r for r in pair["reference"].dropna()), None)
+                references = row_references(pair)
+                # One reference is named in the legend; with several, each row's is in the tables.
+                reference = references[0] if len(references) == 1 else None
                 figures.method_bars(pair_rows, out / stem, title, reference=reference)
                 blocks.append(Figure(stem, f"{title}: test {metric} per recipe, mean with 95% CI (from 3 seeds); "
-                                           "colour: paired comparison with the reference"))
-            histories = _group_histories(records, pair.iloc[0]["experiment"], task, teacher, student)
+                                           "colour: paired comparison with "
+                                           + ("the reference" if reference else "each row's reference (see the recipes table)")))
+            labels = ({(r["recipe"], r["config_id"]): row_label(r) for r in pair.to_dict("records")}
+                      if "config_id" in pair else None)
+            histories = _group_histories(records, pair.iloc[0]["experiment"], task, teacher, student, labels)
             if histories:
                 stem = Path("figures") / f"{tag}-curves"
                 figures.training_curves(histories, metric, bool(rows.iloc[0]["higher_is_better"]),
@@ -260,24 +270,26 @@ STILL_IMPROVING_SAYS = "still improving at the end of its training"
 
 
 def findings(summary: pd.DataFrame) -> list[Block]:
-    """A few sentences per protocol table, computed from the numbers: what beat the reference
-    significantly, what lost, the Pareto front. A recipe whose training was still improving is
-    never named without saying so (its reference included); rows whose task metric does not
-    apply are left out of the statements on it, and said to be."""
+    """A few sentences per protocol table, computed from the numbers: what beat its reference
+    significantly (each row against its own: a compound recipe against its parent or its
+    equal-budget control), what lost, what could not be compared. A recipe whose training was
+    still improving is never named without saying so (its reference included); rows whose task
+    metric does not apply are left out of the statements on it, and said to be."""
     lines, marked = [], False
-    students = summary[~summary.is_teacher]
-    for (task, teacher, student, fp), rows in students.groupby(
+    for (task, teacher, student, fp), rows in summary[~summary.is_teacher].groupby(
             ["task", "teacher", "student", "fingerprint"], sort=False):
         metric = rows.iloc[0]["compared"]
         scale, digits = (100, 2) if is_fraction(metric) else (1, 3)
         unit = " points" if scale == 100 else ""
         higher = bool(rows.iloc[0]["higher_is_better"])
-        ref = next((r for r in rows["reference"].dropna()), None)
-        if ref is None:
+        if not row_references(rows):
             continue
         improving = _still_improving_recipes(summary, rows)
         marked |= bool(improving)
-        name = lambda recipe: f"`{recipe}`" + (f" ({STILL_IMPROVING_SAYS})" if recipe in improving else "")  # noqa: E731
+
+        def name(label: str | None, recipe: str | None = None) -> str:
+            return f"`{label}`" + (f" ({STILL_IMPROVING_SAYS})" if (recipe or label) in improving else "")
+
         inapplicable = rows[~rows.get("metric_applies", pd.Series(True, index=rows.index)).astype(bool)]
         if metric.endswith(f"test_{rows.iloc[0]['metric']}"):
             rows = rows.drop(inapplicable.index)
@@ -285,20 +297,29 @@ def findings(summary: pd.DataFrame) -> list[Block]:
             inapplicable = inapplicable[:0]  # compared on another figure: nothing to leave out
         if rows.empty:
             continue
-        better = rows[(rows.significant == True) & ((rows.delta_mean > 0) == higher)]  # noqa: E712
-        worse = rows[(rows.significant == True) & ((rows.delta_mean > 0) != higher)]  # noqa: E712
-        untested = rows[rows.significant.isna() & rows.reference.notna() & (rows.recipe != ref)]
+        records = rows.to_dict("records")
+        uncontrolled = [r for r in records if r.get("uncontrolled") is True]
+
+        def listed(members: list[dict]) -> str:
+            return ", ".join(f"{name(row_label(r), r['recipe'])} vs {name(_reference(r))} "
+                             f"({r['delta_mean'] * scale:+.{digits}f}{unit})" for r in members)
+
+        better = [r for r in records if r.get("significant") is True and (r["delta_mean"] > 0) == higher]
+        worse = [r for r in records if r.get("significant") is True and (r["delta_mean"] > 0) != higher]
+        untested = [r for r in records if r.get("significant") is None and isinstance(_reference(r), str)
+                    and not is_own_reference(r) and r.get("uncontrolled") is not True]
         best = rows.sort_values("rank").iloc[0]
         text = (f"**{task}, {teacher} → {student}** (protocol `{fp}`): best {metric.removeprefix('test_')} "
-                f"from {name(best.recipe)}; ")
-        text += (f"significantly better than {name(ref)}: " + ", ".join(
-            f"{name(r.recipe)} ({r.delta_mean * scale:+.{digits}f}{unit})" for r in better.itertuples())
-                 if len(better) else f"no recipe is significantly better than {name(ref)}")
-        if len(worse):
-            text += "; significantly worse: " + ", ".join(
-                f"{name(r.recipe)} ({r.delta_mean * scale:+.{digits}f}{unit})" for r in worse.itertuples())
-        if len(untested):
+                f"from {name(row_label(best.to_dict()), best.recipe)}; ")
+        text += ("significantly better than its reference: " + listed(better) if better
+                 else "no recipe is significantly better than its reference")
+        if worse:
+            text += "; significantly worse: " + listed(worse)
+        if untested:
             text += f"; {len(untested)} row(s) have too few seeds to test"
+        if uncontrolled:
+            text += ("; not compared, for training more than their parent with no equal-budget control: "
+                     + ", ".join(name(row_label(r), r["recipe"]) for r in uncontrolled))
         if len(inapplicable):
             text += (f"; not ranked or tested on {metric.removeprefix('test_')}, which does not apply to "
                      "them (see the table's notes): " + ", ".join(name(r) for r in inapplicable.recipe))
@@ -306,10 +327,16 @@ def findings(summary: pd.DataFrame) -> list[Block]:
     if not lines:
         return []
     return [Heading("Findings", 2), Paragraph(
-        "Computed from the tables: paired t-tests by seed against the reference recipe, "
-        "Holm-corrected, at 0.05; with 3 seeds only large or very consistent differences pass."
+        "Computed from the tables: paired t-tests by seed against each row's reference (see the "
+        "recipes tables), Holm-corrected over the rows compared with the same reference, at 0.05; "
+        "with 3 seeds only large or very consistent differences pass."
         + (f" A recipe marked {STILL_IMPROVING_SAYS} (↗ in the tables) had not converged in at "
            "least one seed: its difference may shrink or grow with more epochs." if marked else ""))] + lines
+
+
+def _reference(row: dict) -> str | None:
+    reference = row.get("reference_label", row.get("reference"))
+    return reference if isinstance(reference, str) else None
 
 
 def _still_improving_recipes(summary: pd.DataFrame, rows: pd.DataFrame) -> set[str]:

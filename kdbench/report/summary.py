@@ -1,9 +1,10 @@
 """From stored cells to the summary frame every table, figure and format is made of.
 
-One row per (experiment, task, teacher, student, recipe, protocol fingerprint): for every
-figure the mean, standard deviation and 95% t interval over seeds; the paired comparison with
-a reference recipe; figures relative to the teacher and to the reference; ranks and Pareto
-flags computed only among rows that share a fingerprint.
+One row per (experiment, task, teacher, student, recipe, protocol fingerprint, configuration):
+for every figure the mean, standard deviation and 95% t interval over seeds; the paired
+comparison with the row's reference (its parent, its equal-budget control, scratch or the
+teacher: see :mod:`kdbench.report.references`); figures relative to the teacher and to the
+reference; ranks and Pareto flags computed only among rows that share a fingerprint.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import numpy as np
 import pandas as pd
 
 from ..store import Record
-from . import stats
+from . import references, stats
 from .protocol import fingerprint, protocol
 from .treatment import COLUMN as TREATMENT
 from .treatment import treatment
@@ -25,9 +26,8 @@ from .treatment import treatment
 GROUP = ["experiment", "task", "teacher", "student", "recipe"]
 #: Where a pair's comparisons are made: same models, same protocol.
 PAIR = ["task", "teacher", "student", "fingerprint"]
-#: Default references, in order: the student trained alone, the uncompressed model; else the
-#: teacher's own row (the uncompressed model of recipes that compress the teacher).
-DEFAULT_REFERENCES = ("scratch", "dense")
+#: Default references of recipes without a parent, in order; else the teacher's own row.
+DEFAULT_REFERENCES = references.DEFAULT_REFERENCES
 #: Direction of figures other than the task metric (True: higher is better).
 HIGHER_IS_BETTER = {"teacher_agreement": True, "teacher_kl": False, "params": False,
                     "nonzero_params": False, "size_bytes": False, "weight_bytes": False,
@@ -37,17 +37,15 @@ LOWER_IS_BETTER_METRICS = ("bpc", "perplexity", "loss", "error", "mse", "mae")
 
 def latest_configs(records: Sequence[Record]) -> tuple[list[Record], list[str]]:
     """Per leaderboard row (experiment, task, pair, recipe), the records of the configuration
-    that finished last, and a note for each row whose older results were left out.
+    that finished last, and a note for each row whose older results were left out
+    (``--latest-only``).
 
     A store keeps every cell it ever ran; after an experiment file changes (a longer budget,
-    another temperature) the same row name has results of two configurations, and averaging
-    them would report a number that no configuration produced.
+    another temperature) the same recipe name has results of two configurations. By default
+    the summary shows each as its own labelled row; this keeps only the newest.
     """
     def variant(r: Record) -> str:
-        # The seed, and the teacher's cache key that hashes it, differ within one configuration;
-        # a provenance recorded since (outside the cell id) does not make another one.
-        per_seed = {"seed", "teacher_key", "provenance"}
-        return json.dumps({k: v for k, v in r.config.items() if k not in per_seed}, sort_keys=True, default=str)
+        return json.dumps(references.variant_config(r), sort_keys=True, default=str)
 
     groups: dict[tuple, list[Record]] = {}
     for r in records:
@@ -83,6 +81,7 @@ def frame(records: Sequence[Record], plugins=None) -> pd.DataFrame:
     fingerprint), since a teacher is the reference point of every table its students are in.
     """
     rows = []
+    teachers = references.teacher_trainings([r for r in records if r.ok])
     for r in records:
         if not r.ok:
             continue
@@ -99,7 +98,8 @@ def frame(records: Sequence[Record], plugins=None) -> pd.DataFrame:
                      TREATMENT: json.dumps(told, sort_keys=True) if told else None,
                      "metric": metric, "higher_is_better": higher,
                      # The recipe's declared main figure (``report:``), where its task metric does not apply.
-                     "main_figure": r.config.get("report"), **metrics})
+                     "main_figure": r.config.get("report"), **metrics,
+                     **references.record_facts(r, plugins, teachers)})
     df = pd.DataFrame(rows)
     if df.empty:
         return df
@@ -137,7 +137,7 @@ def summarize(df: pd.DataFrame, reference: str | None = None, metric: str | None
     if df.empty:
         return pd.DataFrame()
     figures = figure_columns(df)
-    keys = GROUP + ["fingerprint"]
+    keys = GROUP + ["fingerprint", "config_id"]  # two configurations of a recipe: two rows
     order = {key: i for i, key in enumerate(df[keys].apply(tuple, axis=1).drop_duplicates())}
     grouped = df.groupby(keys, sort=False, dropna=False)
     out = grouped[figures].agg(["mean", "std"])
@@ -159,9 +159,10 @@ def summarize(df: pd.DataFrame, reference: str | None = None, metric: str | None
         out[TREATMENT] = grouped[TREATMENT].first()
     out["materialized"] = (grouped["materialized"].apply(lambda s: bool(s.fillna(True).all()))
                            if "materialized" in df else True)
-    out = out.join(_row_verdicts(df, grouped))
+    out = out.join(_row_verdicts(df, grouped)).join(references.aggregate(grouped))
     seeds = {key: dict(zip(g["seed"], g.to_dict("records"), strict=True)) for key, g in grouped}
     out = out.reset_index()
+    out["label"] = references.labels(out)
     out["_order"] = [order[tuple(r)] for r in out[keys].itertuples(index=False)]
     out = _compare(out, _task_metric_withheld(out, seeds, metric), reference, metric)
     out = _relative(out)
@@ -170,7 +171,7 @@ def summarize(df: pd.DataFrame, reference: str | None = None, metric: str | None
     # Teacher rows first within each (task, teacher); then recipes in the experiment's order.
     out = out.sort_values(["experiment", "task", "teacher", "fingerprint", "is_teacher", "_order"],
                           ascending=[True, True, True, True, False, True], kind="stable")
-    return out.drop(columns="_order").reset_index(drop=True)
+    return out.drop(columns=["_order", *references.INTERNAL], errors="ignore").reset_index(drop=True)
 
 
 def compared_figure(row: dict[str, Any], metric: str | None) -> str:
@@ -203,7 +204,7 @@ def _on_task_metric(figure: str, metric: str) -> bool:
 def _task_metric_withheld(out: pd.DataFrame, seeds: dict, metric: str | None) -> dict:
     """The per-seed figures the paired tests read, without the task metric of rows it does not
     apply to: they are tested on it with no one and count in no Holm family."""
-    keys = GROUP + ["fingerprint"]
+    keys = GROUP + ["fingerprint", "config_id"]  # as _compare reads them
     seeds = dict(seeds)
     for _, row in out[~out.metric_applies].iterrows():
         figure = compared_figure(row, metric)
@@ -213,30 +214,18 @@ def _task_metric_withheld(out: pd.DataFrame, seeds: dict, metric: str | None) ->
     return seeds
 
 
-def _reference_row(rows: pd.DataFrame, row: pd.Series, reference: str | None) -> pd.Series | None:
-    """The row that ``row`` is compared with: same task, pair and fingerprint."""
-    same = rows[(rows.task == row.task) & (rows.teacher == row.teacher)
-                & (rows.fingerprint == row.fingerprint) & (rows.experiment == row.experiment)]
-    teacher = same[same.is_teacher]
-    if reference == "teacher":
-        return teacher.iloc[0] if len(teacher) else None
-    pair = same[(same.student == row.student) & ~same.is_teacher]
-    for name in [reference] if reference else DEFAULT_REFERENCES:
-        hit = pair[pair.recipe == name]
-        if len(hit):
-            return hit.iloc[0]
-    if reference is None and len(teacher):
-        return teacher.iloc[0]
-    return None
-
-
 def _compare(out: pd.DataFrame, seeds: dict, reference: str | None, metric: str | None) -> pd.DataFrame:
-    keys = GROUP + ["fingerprint"]
+    """The paired comparison of each row with its reference (``references.choose``); none for
+    the reference itself and for extra training that has no equal-budget control."""
+    keys = GROUP + ["fingerprint", "config_id"]
+    chosen = references.choose(out, reference)
     results = []
-    for _, row in out.iterrows():
-        ref = None if row.is_teacher else _reference_row(out, row, reference)
+    for i, row in out.iterrows():
+        at = chosen.at[i, "_ref"]
+        ref = None if pd.isna(at) else out.loc[int(at)]
         figure = compared_figure(row, metric)
-        if ref is None or ref[keys].tolist() == row[keys].tolist() or f"{figure}_mean" not in out:
+        if (ref is None or int(at) == i or chosen.at[i, "uncontrolled"]
+                or f"{figure}_mean" not in out):
             results.append({"reference": None if ref is None else ref.recipe, "compared": figure,
                             "delta_mean": math.nan, "delta_ci95": math.nan, "p_value": math.nan,
                             "significant": None, "pairs": 0})
@@ -248,9 +237,9 @@ def _compare(out: pd.DataFrame, seeds: dict, reference: str | None, metric: str 
                         "delta_ci95": test.ci95, "p_value": test.p_value, "significant": None,
                         "pairs": test.n})
     cmp = pd.DataFrame(results, index=out.index)
-    # Holm within each family: every row compared with the same reference in one pair group.
+    # Holm within each family: every row compared with the same reference row in one pair group.
     cmp["p_holm"] = math.nan
-    families = out.assign(_ref=cmp.reference).groupby(PAIR + ["experiment", "_ref"], dropna=True).groups
+    families = out.assign(_ref=chosen["_ref"]).groupby(PAIR + ["experiment", "_ref"], dropna=True).groups
     for index in families.values():
         index = list(index)
         adjusted = stats.holm(cmp.loc[index, "p_value"].tolist())
@@ -259,7 +248,7 @@ def _compare(out: pd.DataFrame, seeds: dict, reference: str | None, metric: str 
         n = cmp.at[i, "pairs"]
         if n >= stats.MIN_PAIRS and not math.isnan(cmp.at[i, "p_holm"]):
             cmp.at[i, "significant"] = bool(cmp.at[i, "p_holm"] < 1 - stats.CONFIDENCE)
-    return pd.concat([out, cmp], axis=1)
+    return pd.concat([out, cmp, chosen.drop(columns="reference")], axis=1)
 
 
 def _num(value: Any) -> float:
@@ -284,10 +273,7 @@ def _relative(out: pd.DataFrame) -> pd.DataFrame:
     for lat in latency:
         extra[f"speedup_reference_{lat.split('_')[1]}"] = []
     for _, row in out.iterrows():
-        same = out[(out.task == row.task) & (out.teacher == row.teacher)
-                   & (out.fingerprint == row.fingerprint) & (out.experiment == row.experiment)]
-        teacher = same[same.is_teacher]
-        t = teacher.iloc[0] if len(teacher) else None
+        t = None if pd.isna(row["_teacher"]) else out.loc[int(row["_teacher"])]  # its own teacher
         q = f"test_{row.metric}_mean"
         if t is not None and q in out:
             ratio = _ratio(row[q], t[q]) if row.higher_is_better else _ratio(t[q], row[q])
@@ -298,10 +284,7 @@ def _relative(out: pd.DataFrame) -> pd.DataFrame:
                                             if t is not None and "size_bytes_mean" in out else math.nan)
         extra["params_ratio_teacher"].append(_ratio(t["params_mean"], row.get("params_mean"))
                                              if t is not None and "params_mean" in out else math.nan)
-        ref = same[(same.recipe == row.reference) & (same.student == row.student)] if row.reference else same[:0]
-        if row.reference == "teacher":
-            ref = teacher
-        r = ref.iloc[0] if len(ref) else None
+        r = None if pd.isna(row["_ref"]) else out.loc[int(row["_ref"])]
         extra["bytes_ratio_reference"].append(_ratio(r["size_bytes_mean"], row.get("size_bytes_mean"))
                                               if r is not None and "size_bytes_mean" in out else math.nan)
         extra["params_ratio_reference"].append(_ratio(r["params_mean"], row.get("params_mean"))
@@ -393,7 +376,7 @@ def aggregate_ranks(summary: pd.DataFrame) -> pd.DataFrame:
         return pd.DataFrame(columns=["recipe", "mean_rank", "groups", "of", "ranks"])
     total = students.groupby(PAIR).ngroups
     rows = []
-    for recipe, g in students.groupby("recipe", sort=False):
+    for recipe, g in students.groupby("label" if "label" in students else "recipe", sort=False):
         ranks = g["rank"].tolist()
         rows.append({"recipe": recipe, "groups": len(ranks), "of": total,
                      "mean_rank": float(np.mean(ranks)) if len(ranks) == total else math.nan,

@@ -96,12 +96,32 @@ def _signed(value: float, scale: float, digits: int) -> str:
     return f"{value * scale:+.{digits}f}".replace("-", "−")
 
 
+def row_label(row: dict[str, Any]) -> str:
+    """The row's recipe, with what tells apart two configurations of it (``kd [temperature=6]``)."""
+    label = row.get("label")
+    return label if isinstance(label, str) else str(row["recipe"])
+
+
+def is_own_reference(row: dict[str, Any]) -> bool:
+    reference = row.get("reference_label", row.get("reference"))
+    return isinstance(reference, str) and reference == (row_label(row) if "reference_label" in row else row.get("recipe"))
+
+
+def uncontrolled_text(row: dict[str, Any]) -> str:
+    """``untested +3 ep``: the row trained more than its reference and no equal-budget control
+    matches it, so no comparison is made (the protocol's rule of equal budgets)."""
+    epochs = finite_or_none(row.get("extra_epochs"))
+    return f"untested +{epochs:g} ep" if epochs is not None else "untested +? ep"
+
+
 def delta_cell(row: dict[str, Any]) -> str:
     """``+0.87 [−0.30, +2.04] ✓``: paired mean difference, its 95% interval (from
     ``MIN_INTERVAL_SEEDS`` seed pairs on), and a mark when the Holm-adjusted p is below 0.05
     with at least ``MIN_PAIRS`` seeds."""
+    if row.get("uncontrolled") is True:
+        return uncontrolled_text(row)
     if row.get("reference") is None or (isinstance(row.get("delta_mean"), float) and math.isnan(row["delta_mean"])):
-        return "(reference)" if row.get("reference") == row.get("recipe") else "-"
+        return "(reference)" if is_own_reference(row) else "-"
     figure = row["compared"]
     scale, digits = (100, 2) if is_fraction(figure) else (1, 3)
     text = _signed(row["delta_mean"], scale, digits)
@@ -145,15 +165,16 @@ def leaderboard_table(rows: pd.DataFrame, caption: str = "") -> Table:
     metric = figure.removeprefix("test_")
     label = metric + (" %" if is_fraction(metric) else "")
     direction = "↑" if stats_direction(rows, figure) else "↓"
-    references = sorted({r for r in rows["reference"].dropna()} - {"teacher"}) + (
-        ["teacher"] if "teacher" in set(rows["reference"].dropna()) else [])
-    ref_label = "/".join(references) or "reference"
+    references = row_references(rows)
+    # One reference: named in the header; several: a column says which one each row uses.
+    ref_label = references[0] if len(references) == 1 else "reference"
     multi_student = rows.loc[~rows.is_teacher, "student"].nunique() > 1
     multi_teacher = rows["teacher"].nunique() > 1
     # A figure with a block-bootstrap interval over test windows (perplexity): shown beside it.
     windows = f"{figure}_ci95_low_mean" in rows and rows[f"{figure}_ci95_low_mean"].notna().any()
     columns = (["teacher"] if multi_teacher else []) + (["student"] if multi_student else []) + [
-        "recipe", "n", f"{label} {direction}", "95% CI"] + ([WINDOWS_CI] if windows else []) + [
+        "recipe", "n", f"{label} {direction}", "95% CI"] + ([WINDOWS_CI] if windows else []) + (
+        ["reference"] if len(references) > 1 else []) + [
         f"Δ vs {ref_label} [95% CI]", "p", "rank"]
     last = f"last_epoch_{figure}"
     figures = ([(last, "last epoch", "pct" if is_fraction(metric) else "num")]
@@ -170,15 +191,19 @@ def leaderboard_table(rows: pd.DataFrame, caption: str = "") -> Table:
     cells, numbers = [], []
     for row in rows.to_dict("records"):
         # The teacher's row needs no markup: its recipe cell says "teacher" and it comes first.
-        recipe = row["recipe"] + main_label(row, figure) + ("" if row.get("materialized", True) else " †")
+        recipe = row_label(row) + main_label(row, figure) + ("" if row.get("materialized", True) else " †")
         recipe += " ‡" if (row.get("sparse_tensors_mean") or 0) > 0 else ""
         recipe += " ◆" if row.get("pareto_size_bytes") or row.get("pareto_latency_b1_ms") else ""
         recipe += f" {STILL_IMPROVING}" if still_improving(row) else ""
         recipe += f" {BUSY}" if busy(row) else ""
+        recipe += f" {DERIVED}" if row.get("derived") is True else ""
         shown = shown_figure(row, figure)
         value, interval = _metric_cells(row, shown) if shown else ("-", "-")
+        reference = [] if len(references) < 2 else [
+            "-" if row["is_teacher"] or not isinstance(row.get("reference_label"), str) else row["reference_label"]]
         line = ([row["teacher"]] if multi_teacher else []) + ([row["student"]] if multi_student else []) + [
             recipe, str(row["n"]), value, interval] + ([window_interval(row, figure)] if windows else []) + [
+            *reference,
             "-" if row["is_teacher"] else delta_cell(row), "-" if row["is_teacher"] else p_cell(row),
             "-" if math.isnan(row.get("rank", math.nan)) else f"{row['rank']:g}"]
         line += [fmt(row[f"{key}_mean"], row[f"{key}_std"], style) if shown == figure or key != last else "-"
@@ -221,6 +246,45 @@ def window_interval(row: dict[str, Any], figure: str) -> str:
     return f"[{low * scale:.{digits}f}, {high * scale:.{digits}f}]"
 
 
+def row_references(rows: pd.DataFrame) -> list[str]:
+    """The references the student rows of a table are compared with, in order of appearance."""
+    column = "reference_label" if "reference_label" in rows else "reference"
+    if column not in rows:
+        return []
+    return list(dict.fromkeys(r for r in rows.loc[~rows.is_teacher, column] if isinstance(r, str)))
+
+
+#: Marks an equal-budget control that kdbench derived (``controls: auto``).
+DERIVED = "§"
+DERIVED_NOTE = (f"{DERIVED} equal-budget control derived by kdbench (controls: auto): the parent recipe trained "
+                "for the same extra epochs, with the same loss, as the compound rows compared with it.")
+UNCONTROLLED_NOTE = ("untested +N ep: the row trains N epochs more than its parent and no equal-budget control "
+                     "(the parent trained as long) is in the table, so it is not compared; add 'controls: auto' "
+                     "to the experiment.")
+
+
+def recipes_table(rows: pd.DataFrame) -> Table:
+    """The footnote table of a leaderboard table: each row's resolved stages and parameters,
+    and what it is compared with, and why."""
+    body = []
+    for row in rows.to_dict("records"):
+        stages = row.get("stages") if isinstance(row.get("stages"), str) else "-"
+        if row["is_teacher"]:
+            body.append([row_label(row), stages, "-", "the teacher's own row"])
+            continue
+        reference = row.get("reference_label", row.get("reference"))
+        why = row.get("reference_why")
+        body.append([row_label(row) + (f" {DERIVED}" if row.get("derived") is True else ""), stages,
+                     reference if isinstance(reference, str) else "-", why if isinstance(why, str) else "-"])
+    return Table(columns=["recipe", "resolved stages", "compared with", "why"], rows=body,
+                 caption="Recipes of the table above: resolved stages and references",
+                 notes=["Parameters shown: each plugin's first (key) one and those that differ from its "
+                        "defaults; a training stage's settings in brackets where they differ from the "
+                        "budget. A compound recipe (one that begins with all the stages of another, its "
+                        "parent) is compared with its parent, or with its equal-budget control when its "
+                        "added stages train; recipes that start from the teacher, with the teacher."])
+
+
 def _differs_from_teacher(rows: pd.DataFrame) -> bool:
     """Whether the reference-relative sizes say something the teacher-relative ones do not."""
     if "bytes_ratio_reference" not in rows:
@@ -255,8 +319,9 @@ def _relative(value: Any, key: str) -> str:
 def table_notes(rows: pd.DataFrame, figure: str) -> list[str]:
     notes = [
         "Mean ± standard deviation over n seeds, test split; 95% CI: Student-t interval of the mean. "
-        "Δ: mean of the per-seed differences to the reference recipe (paired by seed) with its "
-        "95% t interval; p: two-sided paired t-test; ✓: significant at 0.05 after Holm's "
+        "Δ: mean of the per-seed differences to the row's reference (paired by seed; a compound "
+        "recipe's parent, or its equal-budget control when it trains more: see the recipes table) "
+        "with its 95% t interval; p: two-sided paired t-test; ✓: significant at 0.05 after Holm's "
         f"correction over the rows compared with the same reference; (n=k): fewer than "
         f"{stats.MIN_PAIRS} seed pairs, too few to test. Intervals need at least "
         f"{MIN_INTERVAL_SEEDS} seeds ({MIN_INTERVAL_SEEDS} seed pairs for Δ); with fewer they show "
@@ -286,6 +351,10 @@ def table_notes(rows: pd.DataFrame, figure: str) -> list[str]:
     notes += main_figure_notes(records, figure)
     if any(busy(row) for row in records):
         notes.append(BUSY_NOTE)
+    if "derived" in rows and (rows["derived"] == True).any():  # noqa: E712
+        notes.append(DERIVED_NOTE)
+    if "uncontrolled" in rows and (rows["uncontrolled"] == True).any():  # noqa: E712
+        notes.append(UNCONTROLLED_NOTE)
     if (unequal := treatment_note(rows)) is not None:
         notes.append(unequal)
     return notes
@@ -418,7 +487,7 @@ def leaderboard_blocks(summary: pd.DataFrame, by: Sequence[str] = ("task",)) -> 
             blocks.append(Paragraph(group.intro))
         table = leaderboard_table(group.rows, group.caption)
         table.notes.insert(0, protocol_line(group))
-        blocks.append(table)
+        blocks += [table, recipes_table(group.rows)]
     return blocks
 
 

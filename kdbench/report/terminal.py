@@ -16,9 +16,11 @@ from typing import Any
 
 import pandas as pd
 
-from .tables import (BUSY, BUSY_NOTE, STILL_IMPROVING, STILL_IMPROVING_NOTE, ProtocolGroup, _differs_from_teacher,
-                     busy, finite_or_none, is_fraction, main_figure_notes, main_label, mark, protocol_groups,
-                     protocol_line, shown_figure, stats_direction, still_improving)
+from .tables import (BUSY, BUSY_NOTE, DERIVED, DERIVED_NOTE, STILL_IMPROVING, STILL_IMPROVING_NOTE,
+                     UNCONTROLLED_NOTE, ProtocolGroup, _differs_from_teacher, busy, finite_or_none, is_fraction,
+                     is_own_reference, main_figure_notes, main_label, mark, protocol_groups, protocol_line,
+                     row_label, row_references, shown_figure, stats_direction, still_improving,
+                     uncontrolled_text)
 from .treatment import treatment_note
 
 #: The width every line but a table's rows is wrapped to; the quickstart's rows fit in it too.
@@ -29,7 +31,11 @@ MARKS = [
     ("†", "simulated compression (masks, fake quantization): not faster, never on the latency front"),
     ("‡", "sparse weights stored in CSR form"),
     ("◆", "on the Pareto front of quality against file size or batch-1 latency"),
+    (DERIVED, DERIVED_NOTE.removeprefix(f"{DERIVED} ")),
 ]
+#: Tables with at most this many student rows list each row's resolved stages under the
+#: legend; larger ones point to ``--wide``, whose recipes table has them.
+MAX_RECIPE_LINES = 12
 
 
 def terminal_view(summary: pd.DataFrame, by: Sequence[str] = ("task",), width: int = WIDTH) -> str:
@@ -54,16 +60,15 @@ def table_text(group: ProtocolGroup, width: int = WIDTH) -> str:
     records = rows.to_dict("records")
 
     # Rows of several teachers or students: one heading line per (teacher, student), the
-    # recipes indented under it, so that no column carries a 20-character model label.
+    # recipes indented under it, so that no column carries a 20-character model label. Rows
+    # compared with different references: one heading per reference (a Holm family), after
+    # the reference's own row, so that the table says what each row is compared with.
     multi_teacher = rows["teacher"].nunique() > 1
     multi_student = rows.loc[~rows.is_teacher, "student"].nunique() > 1
-    headed = multi_teacher or multi_student
-    references = list(dict.fromkeys(r["reference"] for r in records
-                                    if not r["is_teacher"] and isinstance(r.get("reference"), str)))
+    references = row_references(rows)
     per_group_reference = len(references) > 1
-    keys: dict[tuple, list[dict]] = {}
-    for r in records:
-        keys.setdefault((r["teacher"], None if r["is_teacher"] else r["student"]), []).append(r)
+    headed = multi_teacher or multi_student or per_group_reference
+    keys = _headings(records)
 
     size_key, size_label = (("bytes_ratio_reference", "ref/file") if _differs_from_teacher(rows)
                             else ("bytes_ratio_teacher", "teacher/file"))
@@ -77,17 +82,18 @@ def table_text(group: ProtocolGroup, width: int = WIDTH) -> str:
     header += ["note"]
     right = [False, True, False, False, True] + ([True] if speed else []) + [False]
     lines: list[tuple[str | None, list[str]]] = []  # (heading, []) or (None, a row's cells)
-    for (teacher, student), members in keys.items():
+    for (teacher, student, reference), members in keys.items():
         # The teacher's row of a table with one teacher stays on top, under no heading.
         under_heading = headed and (student is not None or multi_teacher)
         if under_heading:
-            label = teacher if student is None else (f"{teacher} → {student}" if multi_teacher else student)
-            reference = next((m["reference"] for m in members if isinstance(m.get("reference"), str)), None)
-            if per_group_reference and reference:
-                label += f" (Δ vs {reference})"
+            model = teacher if student is None else (f"{teacher} → {student}" if multi_teacher else student)
+            if not (multi_teacher or multi_student):
+                label = f"Δ vs {reference or '-'}"
+            else:
+                label = model + (f" (Δ vs {reference})" if per_group_reference and reference else "")
             lines.append((label, []))
         for r in members:
-            cells = [("  " if under_heading else "") + r["recipe"] + main_label(r, figure), str(r["n"]),
+            cells = [("  " if under_heading else "") + row_label(r) + main_label(r, figure), str(r["n"]),
                      values[id(r)], deltas[id(r)],
                      _ratio(r.get(size_key))]
             cells += ["-" if r["is_teacher"] else _ratio(r.get("speedup_b1_mean"))] if speed else []
@@ -107,7 +113,44 @@ def table_text(group: ProtocolGroup, width: int = WIDTH) -> str:
     out += [_wrap(text, width, "  ") for text in legend(records, size_label, speed, figure)]
     if (unequal := treatment_note(rows)) is not None:  # compressed rows not treated alike
         out.append(_wrap(unequal, width, "  "))
+    out += recipe_lines(records, width)
     return "\n".join(out)
+
+
+def _headings(records: list[dict[str, Any]]) -> dict[tuple, list[dict]]:
+    """The rows by (teacher, student, reference): the teacher's rows first, then per student
+    the rows compared with each reference, the groups in the order of their reference's row
+    (the teacher's first), so that a reference is read before the rows compared with it."""
+    position = {(r["teacher"], None if r["is_teacher"] else r["student"], row_label(r)): i
+                for i, r in enumerate(records)}
+    keys: dict[tuple, list[dict]] = {}
+    for r in records:
+        reference = None if r["is_teacher"] else r.get("reference_label", r.get("reference"))
+        keys.setdefault((r["teacher"], None if r["is_teacher"] else r["student"],
+                         reference if isinstance(reference, str) else None), []).append(r)
+
+    def order(key: tuple) -> tuple:
+        teacher, student, reference = key
+        first = min(records.index(r) for r in keys[key])
+        if student is None:
+            return (-1, first, 0)
+        own = position.get((teacher, student, reference))
+        at = (own if own is not None else -1) if reference else len(records)
+        student_first = min(i for i, r in enumerate(records) if not r["is_teacher"] and r["student"] == student)
+        return (student_first, at, first)
+
+    return {key: keys[key] for key in sorted(keys, key=order)}
+
+
+def recipe_lines(records: list[dict[str, Any]], width: int = WIDTH) -> list[str]:
+    """Each row's resolved stages (``kd+prune: distill:hinton > prune:magnitude(sparsity=0.5) >
+    finetune(3)``), for tables small enough; else where to find them."""
+    if not any(isinstance(r.get("stages"), str) for r in records):
+        return []
+    if sum(not r["is_teacher"] for r in records) > MAX_RECIPE_LINES:
+        return [_wrap("Resolved stages of every row: add --wide (the recipes table).", width)]
+    seen = dict.fromkeys(f"{row_label(r)}: {r['stages']}" for r in records if isinstance(r.get("stages"), str))
+    return ["Recipes (resolved stages):"] + [_wrap("  " + line, width, "      ") for line in seen]
 
 
 def legend(records: list[dict[str, Any]], size_label: str = "teacher/file", speed: bool = True,
@@ -127,6 +170,8 @@ def legend(records: list[dict[str, Any]], size_label: str = "teacher/file", spee
         lines.append(BUSY_NOTE)
     if figure is not None:
         lines += main_figure_notes(records, figure)
+    if any(r.get("uncontrolled") is True for r in records):
+        lines.append(UNCONTROLLED_NOTE)
     return lines
 
 
@@ -135,6 +180,7 @@ def _marks(row: dict[str, Any]) -> list[str]:
     marks += ["‡"] if (row.get("sparse_tensors_mean") or 0) > 0 else []
     marks += ["◆"] if row.get("pareto_size_bytes") or row.get("pareto_latency_b1_ms") else []
     marks += [STILL_IMPROVING] if still_improving(row) else []
+    marks += [DERIVED] if row.get("derived") is True else []
     return marks + ([BUSY] if busy(row) else [])
 
 
@@ -165,8 +211,10 @@ def _delta_texts(records: list[dict[str, Any]], figure: str) -> dict[int, str]:
         delta = finite_or_none(r.get("delta_mean"))
         if r["is_teacher"] or r.get("reference") is None:
             parts[id(r)] = ("-", "")
+        elif r.get("uncontrolled") is True:
+            parts[id(r)] = (uncontrolled_text(r), "")
         elif delta is None:
-            parts[id(r)] = ("(reference)" if r.get("reference") == r["recipe"] else "-", "")
+            parts[id(r)] = ("(reference)" if is_own_reference(r) else "-", "")
         else:
             parts[id(r)] = (f"{delta * scale:+.{digits}f}".replace("-", "−"), mark(r).strip())
     return _aligned(parts, [True, False])
@@ -177,7 +225,7 @@ def _aligned(parts: dict[int, tuple[str, ...]], right: list[bool]) -> dict[int, 
     widths = [max((len(p[i]) for p in parts.values()), default=0) for i in range(len(right))]
     out = {}
     for key, p in parts.items():
-        if p[0] in ("-", "(reference)") and not any(p[1:]):
+        if (p[0] in ("-", "(reference)") or p[0].startswith("untested")) and not any(p[1:]):
             out[key] = p[0].rjust(widths[0]) if p[0] == "-" else p[0]
             continue
         out[key] = " ".join(x.rjust(w) if r else x.ljust(w)

@@ -84,6 +84,11 @@ class Gradual(Pruner):
     def report(self):
         return getattr(self, "_report", {})
 
+    @classmethod
+    def finetune_schedule(cls, params: Params) -> list[tuple[int, object]]:
+        """One fine-tuning call after each pruning step (see ``apply``)."""
+        return [(params.epochs_per_step, params.distill)] * params.steps if params.epochs_per_step else []
+
 
 @hookimpl
 def kdbench_register_pruners(register):

@@ -230,6 +230,11 @@ class QAT(Quantizer):
     def report(self):
         return getattr(self, "_report", {})
 
+    @classmethod
+    def finetune_schedule(cls, params: Params) -> list[tuple[int, object]]:
+        """One fine-tuning call of the fake-quantized model (see ``apply``)."""
+        return [(params.epochs, params.distill)]
+
 
 @hookimpl
 def kdbench_register_quantizers(register):
