@@ -22,6 +22,7 @@ report is built from a store (to find each row's parent and control among the st
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -200,9 +201,11 @@ def spec_training(spec: Mapping[str, Any], budget: Mapping[str, Any] | None, plu
     if entry is None:
         return unknown_training
     try:
-        params = parse_params(entry.cls.Params, {k: v for k, v in ref.items() if k != "name"}, op)
+        params = parse_params(entry.cls.Params, {k: v for k, v in ref.items() if k != "name"}, op,
+                              resolve=functools.partial(parse_ref, plugins))
         schedule = compressor_schedule(entry.cls, params)
-        calls = [(epochs, parse_ref(plugins, "distiller", distill, "distill").spec() if distill else None)
+        calls = [(epochs, (distill if isinstance(distill, Ref)
+                           else parse_ref(plugins, "distiller", distill, "distill")).spec() if distill else None)
                  for epochs, distill in schedule or [] if epochs]
     except KdbenchError:
         return unknown_training

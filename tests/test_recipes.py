@@ -165,6 +165,6 @@ def test_a_compressor_that_trains_without_declaring_how_stops_controls_auto(plug
 def test_every_embedded_experiment_with_trained_compounds_declares_controls():
     for name, text in embedded_experiments().items():
         raw = yaml.safe_load(text)
-        trains = any(isinstance(s, dict) and "finetune" in s for stages in raw["recipes"].values()
-                     for s in stages[1:])
+        trains = any(isinstance(s, dict) and "finetune" in s for recipe in raw["recipes"].values()
+                     for s in (recipe["stages"] if isinstance(recipe, dict) else recipe)[1:])
         assert not trains or raw.get("controls") == "auto", name

@@ -81,13 +81,13 @@ def test_findings_never_name_a_row_still_improving_without_saying_so():
     s = summarize(frame(still_improving_grid()))
     assert row(s, "kd").significant is True
     text = findings_text(s)
-    assert "`kd` (still improving at the end of its training) (+2.00 points)" in text
+    assert "`kd` (still improving at the end of its training) vs `scratch` (+2.00 points)" in text
     assert "best accuracy from `kd` (still improving at the end of its training);" in text
     assert "A recipe marked still improving" in text
     # The reference still improving: every difference to it says so.
     recs = records(ACCURACY, {"scratch": [{"converged": 0.0}] * 3})
     text = findings_text(summarize(frame(recs)))
-    assert "significantly better than `scratch` (still improving at the end of its training): `kd`" in text
+    assert "`kd` vs `scratch` (still improving at the end of its training) (+2.00 points)" in text
     # Nothing marked: nothing said.
     assert "still improving" not in findings_text(summarize(frame(records(ACCURACY))))
 
