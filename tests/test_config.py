@@ -20,13 +20,14 @@ def test_embedded_default_is_the_documented_grid(plugins):
     exp = load_experiment(None, plugins)
     assert exp.name == "quickstart"
     # Six declared recipes, then the two equal-budget controls that 'controls: auto' derives.
-    assert list(exp.recipes) == ["scratch", "kd", "kd+prune", "kd+int8", "kd+svd", "teacher+prune",
-                                 "kd+ft3", "teacher+ft3:hinton"]
+    assert list(exp.recipes) == ["scratch", "kd", "kd+int8", "kd+prune", "kd+svd", "teacher+prune",
+                                 "kd+ft10", "teacher+ft10:hinton"]
+    assert exp.tasks[0].name == "mnist1d" and exp.executor.name == "processes"
     assert len(exp.cells()) == 1 * 1 * 8 * 3
     kd = exp.recipes["kd"][0]
-    assert (kd.op, kd.ref.name, kd.ref.params.temperature, kd.ref.params.alpha) == ("distill", "hinton", 4.0, 0.9)
+    assert (kd.op, kd.ref.name, kd.ref.params.temperature, kd.ref.params.alpha) == ("distill", "hinton", 16.0, 0.9)
     finetune = exp.recipes["teacher+prune"][2]
-    assert finetune.ref.name == "hinton" and finetune.training == {"epochs": 3}
+    assert finetune.ref.name == "hinton" and finetune.training == {"epochs": 10}
 
 
 def test_cell_ids_are_stable_and_distinct(plugins):
@@ -126,7 +127,7 @@ def test_a_pair_can_train_its_teacher_and_student_differently(plugins):
     cell = exp.cells()[0]
     assert cell.teacher_job(plugins).training.epochs == 40
     student = cell.student_training(plugins)
-    assert (student.epochs, student.optimizer, student.nesterov, student.lr) == (5, "sgd", True, 0.001)
+    assert (student.epochs, student.optimizer, student.nesterov, student.lr) == (5, "sgd", True, 0.003)
     assert cell.config(plugins)["stages"][0]["training"]["epochs"] == 5
     with pytest.raises(ConfigError, match="did you mean 'nesterov'"):
         load_experiment(None, plugins, ["pairs.0.student_training={nestrov: true}"])

@@ -28,7 +28,7 @@ def tiny(recipes: dict, controls: str | None = "auto") -> dict:
 
 
 def test_a_compound_recipes_parent_is_the_longest_recipe_it_begins_with(plugins):
-    exp = load_experiment("quickstart", plugins, ["controls=none"])
+    exp = load_experiment("smoke", plugins, ["controls=none"])
     assert parents(exp.recipes) == {"scratch": None, "kd": None, "kd+prune": "kd", "kd+int8": "kd",
                                     "kd+svd": "kd", "teacher+prune": TEACHER}
     longer = parse_experiment(tiny({
@@ -40,7 +40,7 @@ def test_a_compound_recipes_parent_is_the_longest_recipe_it_begins_with(plugins)
 
 
 def test_controls_auto_adds_the_parent_trained_as_long_with_the_same_loss(plugins):
-    exp = load_experiment("quickstart", plugins)
+    exp = load_experiment("smoke", plugins)
     # kd+prune and kd+svd add the same 3 epochs of cross-entropy: one control serves both.
     assert dict(exp.derived_controls) == {"kd+ft3": ("kd+prune", "kd+svd"),
                                           "teacher+ft3:hinton": ("teacher+prune",)}
@@ -69,7 +69,7 @@ def _resolved_epochs(stage, base) -> int:
     return 0
 
 
-@pytest.mark.parametrize("name", ["quickstart", "mnist5k-compress", "shakespeare-compress"])
+@pytest.mark.parametrize("name", ["smoke", "mnist5k-compress", "shakespeare-compress"])
 def test_a_derived_control_trains_exactly_the_extra_epochs_of_its_compounds(plugins, name):
     exp = load_experiment(name, plugins)
     assert exp.derived_controls, "the embedded compression experiments derive their controls"
@@ -117,8 +117,8 @@ def test_recipes_without_added_training_get_no_control(plugins):
 
 
 def test_controls_keep_the_cell_ids_of_every_declared_recipe(plugins):
-    plain = load_experiment("quickstart", plugins, ["controls=none"])
-    auto = load_experiment("quickstart", plugins)
+    plain = load_experiment("smoke", plugins, ["controls=none"])
+    auto = load_experiment("smoke", plugins)
     ids = {(c.recipe, c.seed): c.cell_id(plugins) for c in plain.cells()}
     assert {(c.recipe, c.seed): c.cell_id(plugins) for c in auto.cells() if c.recipe in plain.recipes} == ids
     assert len(auto.cells()) == len(plain.cells()) + 2 * len(auto.seeds)

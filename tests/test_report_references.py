@@ -74,7 +74,7 @@ def row(summary, label):
 
 @pytest.fixture
 def quickstart(plugins):
-    return summarize(frame(stored(load_experiment("quickstart", plugins), plugins), plugins))
+    return summarize(frame(stored(load_experiment("smoke", plugins), plugins), plugins))
 
 
 def test_compound_recipes_are_compared_with_their_parent_or_their_control(quickstart):
@@ -106,7 +106,7 @@ def test_holm_families_follow_the_references(quickstart):
 
 
 def test_extra_training_without_a_control_is_not_compared(plugins):
-    exp = load_experiment("quickstart", plugins, ["controls=none"])
+    exp = load_experiment("smoke", plugins, ["controls=none"])
     s = summarize(frame(stored(exp, plugins), plugins))
     prune = row(s, "kd+prune")
     assert prune.uncontrolled and prune.reference_label == "kd" and prune.extra_epochs == 3
@@ -122,7 +122,7 @@ def test_extra_training_without_a_control_is_not_compared(plugins):
 
 
 def test_the_command_line_reference_still_overrides(plugins):
-    s = summarize(frame(stored(load_experiment("quickstart", plugins), plugins), plugins), reference="scratch")
+    s = summarize(frame(stored(load_experiment("smoke", plugins), plugins), plugins), reference="scratch")
     students = s[~s.is_teacher & (s.student == "mlp(hidden=[32])")]
     assert set(students.reference_label) == {"scratch"}
     assert row(s, "kd+int8").delta_mean == pytest.approx(sum(a - b for a, b in zip(

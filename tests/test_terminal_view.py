@@ -20,10 +20,10 @@ WIDTH = 100
 
 @pytest.fixture(scope="module")
 def quickstart(tmp_path_factory):
-    """The embedded quickstart, one epoch, three seeds: what a first `kdbench run` prints."""
+    """The embedded smoke grid (every recipe kind), one epoch, three seeds: what `kdbench run` prints."""
     root = tmp_path_factory.mktemp("quick")
     db = str(root / "quick.db")
-    args = ["run", "--set", "training.epochs=1", "--set", "seeds=[0,1,2]", "--set", "measure.latency_repeats=3",
+    args = ["run", "smoke", "--set", "training.epochs=1", "--set", "seeds=[0,1,2]", "--set", "measure.latency_repeats=3",
             "--store", db, "--cache-dir", str(root / "cache"), "--quiet"]
     return args, db
 

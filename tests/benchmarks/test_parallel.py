@@ -91,13 +91,13 @@ def test_dask_with_two_workers_is_within_15_percent_of_processes(benchmark, caps
 
 
 @pytest.mark.slow
-def test_the_default_run_with_two_workers(benchmark, capsys, tmp_path):
-    """The embedded quickstart (3 teachers, 18 short cells): what ``--workers 2`` gives a new
-    user's first run. Reported, with no target: its cells are too short for two workers to
+def test_the_smoke_grid_with_two_workers(benchmark, capsys, tmp_path):
+    """The embedded smoke grid (3 teachers, 18 short cells): what ``--workers 2`` gives a grid
+    of short cells. Reported, with no target: its cells are too short for two workers to
     halve it."""
-    command(tmp_path)()
+    command(tmp_path, "smoke")()
     ratio = benchmark.pedantic(lambda: paired(
-        "speed-up of 2 workers (the default run)", ("serial", command(tmp_path)),
-        ("--workers 2", command(tmp_path, "--workers", "2")), ">= 1.0", setup=fresh(tmp_path)),
+        "speed-up of 2 workers (the smoke grid)", ("serial", command(tmp_path, "smoke")),
+        ("--workers 2", command(tmp_path, "smoke", "--workers", "2")), ">= 1.0", setup=fresh(tmp_path)),
         rounds=1, iterations=1)
     report(benchmark, ratio, capsys)

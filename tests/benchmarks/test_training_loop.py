@@ -21,7 +21,7 @@ from kdbench.training import Tapped, Teacher, fit, predict, shuffled_batches, wa
 
 from paired import paired, report
 
-EPOCHS = 20  # the quickstart's budget: 20 epochs of 23 steps on digits
+EPOCHS = 20  # the smoke grid's budget: 20 epochs of 23 steps on digits
 
 
 def setting():
