@@ -404,7 +404,8 @@ def cmd_report(args) -> int:
     command = "kdbench report " + " ".join(shlex.quote(a) for a in (args.argv or []))
     out = Path(args.output)
     written = build_report(records, summary, out, plugins=plugins, title=args.title or default_title(records),
-                           command=command.strip(), notes=notes, files=files, by=args.by or ["task"])
+                           command=command.strip(), notes=notes, files=files, by=args.by or ["task"],
+                           statement=args.note or [])
     print(f"wrote {len(written)} files to {out}/ (open {out / 'index.html'} in a browser, "
           f"or read {out / 'README.md'})", file=sys.stderr)
     return 0
@@ -596,6 +597,9 @@ def build_parser() -> argparse.ArgumentParser:
     add_selection(report, experiment_flag=False)
     report.add_argument("--output", required=True, help="the report folder (created)")
     report.add_argument("--title", help="the report's title (default: names the experiments)")
+    report.add_argument("--note", action="append", metavar="TEXT",
+                        help="a paragraph under the title, e.g. how the machine was used during the "
+                             "runs (repeatable); the measured conditions follow it")
     report.set_defaults(func=cmd_report)
 
     pub = sub.add_parser("published", help="published reference results shipped with kdbench "

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
 
@@ -145,6 +146,31 @@ def test_report_folder_has_everything_and_opens_in_a_browser(run, capsys):
     assert expected in by_recipe["kd+int8"]
     assert ODD in by_recipe and dom.scripts == 0
     assert len(dom.images) == len(pngs) and all(i["src"].startswith("data:image/png;base64,") for i in dom.images)
+
+
+def test_a_report_states_how_the_machine_was_used(run, capsys, tmp_path):
+    """Under the title: the publisher's statement, then what the rows recorded of the runs:
+    the CPU, threads per cell, cells at once (from their overlapping start and finish times)
+    and the load while timing, so a reader can judge the latency columns."""
+    from kdbench.report.folder import conditions
+    from test_report_summary import record
+
+    path, db, root = run
+    out = tmp_path / "noted"
+    assert main(["report", "--store", db, "--output", str(out), "--note", "The machine ran nothing else."]) == 0
+    readme = (out / "README.md").read_text()
+    assert readme.index("The machine ran nothing else.") < readme.index("Conditions, as the rows recorded them")
+    assert "at most 1 cell(s) at once" in readme and "load average while timing" in readme
+
+    def cell(recipe, start, finish, load):
+        r = record(recipe, 0, {"test_accuracy": 0.9, "latency_load": load, "cpu_count": 2})
+        r.environment.update(run="r1")
+        return dataclasses.replace(r, started_at=f"2026-01-01T00:00:{start:02d}", finished_at=f"2026-01-01T00:00:{finish:02d}")
+
+    # Two cells overlap, the third runs alone: at most 2 at once.
+    line, = conditions([cell("a", 0, 10, 1.5), cell("b", 5, 20, 2.5), cell("c", 30, 40, 0.9)])
+    assert line == ("run `r1`: 3 cells, Test CPU (2 cores), 1 torch thread(s) per cell, at most 2 cell(s) at "
+                    "once, 1 min from first start to last finish, load average while timing 0.9-2.5")
 
 
 def test_report_without_the_experiment_file_says_so(run, capsys, tmp_path):

@@ -134,6 +134,39 @@ def environment_text(records: Sequence[Record]) -> str:
     return "\n".join(lines)
 
 
+def conditions(records: Sequence[Record]) -> list[str]:
+    """What the machine was doing while each run measured, from what the rows recorded: the
+    CPU and its cores, torch threads per cell, how many cells ran at once (their recorded
+    start and finish times overlapping) and the 1-minute load average read around each
+    latency measurement. A load near the number of cells running at once means the run had
+    the machine to itself; well above it, something else ran too."""
+    import datetime as dt
+
+    runs: dict[str, list[Record]] = {}
+    for r in records:
+        if r.ok:
+            runs.setdefault(str(r.environment.get("run") or "?"), []).append(r)
+    lines = []
+    for run, rows in runs.items():
+        env = rows[0].environment
+        spans = sorted((dt.datetime.fromisoformat(r.started_at), dt.datetime.fromisoformat(r.finished_at))
+                       for r in rows if r.started_at and r.finished_at)
+        at_once = 0
+        for start, _ in spans:  # cells running at the moment each one started
+            at_once = max(at_once, sum(s <= start < f for s, f in spans))
+        loads = [float(r.metrics["latency_load"]) for r in rows if r.metrics.get("latency_load") is not None]
+        cores = rows[0].metrics.get("cpu_count")
+        wall = (max(f for _, f in spans) - spans[0][0]).total_seconds() / 60 if spans else None
+        parts = [f"{len(rows)} cells", f"{env.get('cpu', 'CPU')}" + (f" ({int(cores)} cores)" if cores else ""),
+                 f"{env.get('threads')} torch thread(s) per cell", f"at most {at_once} cell(s) at once"]
+        if wall is not None:
+            parts.append(f"{wall:.0f} min from first start to last finish")
+        if loads:
+            parts.append(f"load average while timing {min(loads):.1f}-{max(loads):.1f}")
+        lines.append(f"run `{run}`: " + ", ".join(parts))
+    return lines
+
+
 def run_commands(records: Sequence[Record]) -> list[str]:
     """The ``kdbench run`` command lines that produced the rows, as recorded with them (a
     cache directory is a machine's own path and is left out)."""
@@ -161,7 +194,7 @@ def run_commands(records: Sequence[Record]) -> list[str]:
 
 def build_report(records: Sequence[Record], summary: pd.DataFrame, out: Path, *, plugins, title: str,
                  command: str, notes: Sequence[str] = (), files: dict[str, str] | None = None,
-                 by: Sequence[str] = ("task",)) -> list[Path]:
+                 by: Sequence[str] = ("task",), statement: Sequence[str] = ()) -> list[Path]:
     """Write the report folder ``out``; return the files written.
 
     ``out`` must be missing, empty or an earlier report, which is replaced whole (see
@@ -169,14 +202,14 @@ def build_report(records: Sequence[Record], summary: pd.DataFrame, out: Path, *,
     """
     with output.replacing(Path(out)) as folder:
         written = _write_report(records, summary, folder, plugins=plugins, title=title, command=command,
-                                notes=notes, files=files, by=by)
+                                notes=notes, files=files, by=by, statement=statement)
         output.write_marker(folder, written)
     return [Path(out) / name for name in [*written, output.MARKER]]
 
 
 def _write_report(records: Sequence[Record], summary: pd.DataFrame, out: Path, *, plugins, title: str,
                   command: str, notes: Sequence[str], files: dict[str, str] | None,
-                  by: Sequence[str]) -> list[str]:
+                  by: Sequence[str], statement: Sequence[str] = ()) -> list[str]:
     """Write the report into the empty folder ``out``; return its files, relative to ``out``."""
     experiments = list(dict.fromkeys(r.experiment for r in records))
     sources = experiment_sources(experiments, records, plugins, files or {})
@@ -189,6 +222,10 @@ def _write_report(records: Sequence[Record], summary: pd.DataFrame, out: Path, *
         + (f"; {len(failed)} failed cells are not in the tables (see below)" if failed else "") + ". "
         "Every number below was measured by a run of kdbench; `leaderboard.csv` and "
         "`leaderboard.json` hold every statistic of every row.")]
+    blocks += [Paragraph(text) for text in statement]
+    measured = conditions(records)
+    if measured:
+        blocks.append(Paragraph("Conditions, as the rows recorded them: " + "; ".join(measured) + "."))
     blocks += findings(summary)
     blocks.append(Heading("Leaderboards", 2))
     blocks += leaderboard_blocks(summary, by)
