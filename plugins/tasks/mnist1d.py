@@ -25,6 +25,7 @@ import dataclasses
 import functools
 import importlib
 import random
+from typing import ClassVar, Literal
 
 import numpy as np
 import torch
@@ -79,6 +80,12 @@ class MNIST1D(Task):
         data_seed: int = 42  # the generator's seed; 42 is the package's default
         split_seed: int = 0  # train/val split, fixed across run seeds
         val_size: int = 500
+        # Where the validation signals come from: held out of the 4,000 training signals
+        # ("train"), or drawn from a second set the generator makes with seed data_seed + 1
+        # ("generated"), so that training keeps all 4,000 signals as in the paper.
+        val_source: Literal["train", "generated"] = "train"
+
+        ADDED_LATER: ClassVar[tuple[str, ...]] = ("val_source",)  # see Ref.spec
 
         def __post_init__(self):
             if self.num_samples < 100:
@@ -95,14 +102,22 @@ class MNIST1D(Task):
         p = self.params
         raw = generate(p.num_samples, p.data_seed)
         x, y = raw["x"], raw["y"]
-        train, val = train_test_split(np.arange(len(y)), test_size=p.val_size, stratify=y,
-                                      random_state=p.split_seed)
 
         def split(a, b):
             return TensorDataset(torch.tensor(a), torch.tensor(b))
 
+        test = split(raw["x_test"], raw["y_test"])
+        if p.val_source == "generated":
+            # An independent draw of the same generator: its training part, never its test.
+            extra = generate(p.num_samples, p.data_seed + 1)
+            _, val = train_test_split(np.arange(len(extra["y"])), test_size=p.val_size,
+                                      stratify=extra["y"], random_state=p.split_seed)
+            return TaskData(train=split(x, y), val=split(extra["x"][val], extra["y"][val]),
+                            test=test, input_shape=(40,), num_classes=10)
+        train, val = train_test_split(np.arange(len(y)), test_size=p.val_size, stratify=y,
+                                      random_state=p.split_seed)
         return TaskData(train=split(x[train], y[train]), val=split(x[val], y[val]),
-                        test=split(raw["x_test"], raw["y_test"]), input_shape=(40,), num_classes=10)
+                        test=test, input_shape=(40,), num_classes=10)
 
 
 @hookimpl
