@@ -419,7 +419,8 @@ def cmd_published(args) -> int:
     from .report.published import published
 
     data = published()
-    for flag, column in (("teacher", "teacher_arch"), ("student", "student_arch"), ("method", "method")):
+    for flag, column in (("dataset", "dataset"), ("teacher", "teacher_arch"), ("student", "student_arch"),
+                         ("method", "method")):
         pattern = getattr(args, flag)
         if pattern:
             data = data[[fnmatch.fnmatchcase(v.lower(), pattern.lower()) for v in data[column]]]
@@ -603,7 +604,9 @@ def build_parser() -> argparse.ArgumentParser:
     report.set_defaults(func=cmd_report)
 
     pub = sub.add_parser("published", help="published reference results shipped with kdbench "
-                         "(CIFAR-100 tables of RepDistiller/CRD and mdistiller)")
+                         "(CIFAR-100 tables of RepDistiller/CRD and mdistiller; the MNIST-1D "
+                         "paper's baselines)")
+    pub.add_argument("--dataset", metavar="PATTERN", help="e.g. cifar100 or mnist1d")
     pub.add_argument("--teacher", metavar="PATTERN", help="e.g. resnet56 or 'wrn*'")
     pub.add_argument("--student", metavar="PATTERN")
     pub.add_argument("--method", metavar="PATTERN", help="e.g. kd, crd, scratch, teacher")

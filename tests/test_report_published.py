@@ -26,7 +26,7 @@ def number(teacher: str, student: str, method: str, source: str) -> float:
 def test_data_ships_in_the_package_folder():
     folder = importlib.resources.files("kdbench.report").joinpath("published")
     assert folder.joinpath("cifar100.csv").is_file()
-    assert set(published()["dataset"]) == {"cifar100"}
+    assert set(published()["dataset"]) == {"cifar100", "mnist1d"}
 
 
 def test_data_is_well_formed():

@@ -2,12 +2,20 @@
 
 Each block is ``conv (same padding) -> [batch norm] -> ReLU -> max-pool 2``; the pooled map is
 flattened (or globally averaged) and goes through an optional hidden layer to the classifier.
+``kernel_sizes`` (one per block), ``stride``, ``padding`` and ``pool: false`` describe
+strided nets without pooling.
 
 Inputs: ``(C, H, W)`` images use 2-D convolutions; ``(C, L)`` sequences and flat ``(L,)``
 vectors use 1-D convolutions, except that a flat input whose length is a perfect square
 (scikit-learn digits' ``(64,)``) is viewed as a ``1 x side x side`` image (``dims`` overrides
-that choice). The MNIST-1D paper's CNN (Greydanus 2020: three 1-D conv layers of 25 channels,
-~5k parameters, about 94% test accuracy) is the reference point for sequence inputs.
+that choice).
+
+The CNN of Greydanus and Kobak, "Scaling Down Deep Learning with MNIST-1D" (ICML 2024,
+arXiv:2011.14439; ``ConvBase`` of github.com/greydanus/mnist1d) is, exactly,
+``channels: [25, 25, 25], kernel_sizes: [5, 3, 3], stride: 2, padding: 1, pool: false,
+batch_norm: false, hidden: 0``: three 1-D convolutions with bias and ReLU, lengths
+40 -> 19 -> 10 -> 5, the 25 x 5 map flattened into a linear classifier (5,210 parameters);
+the paper reports 94 % test accuracy for it (``kdbench/experiments/mnist1d-paper.yaml``).
 
 Feature points: the output of every conv block (``block1`` ... ``blockN``) and the pre-logit
 feature (``act`` after the hidden layer, else ``flatten``).
@@ -18,7 +26,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from collections import OrderedDict
-from typing import Literal
+from typing import ClassVar, Literal
 
 from torch import nn
 
@@ -73,12 +81,30 @@ class CNN(ModelFamily):
         global_pool: bool = False  # average the last map over space instead of flattening it
         dropout: float = 0.0  # before the classifier
         dims: Literal["auto", "1d", "2d"] = "auto"
+        kernel_sizes: tuple[int, ...] = ()  # one per block; empty: kernel_size for every block
+        stride: int = 1  # of every convolution
+        padding: int = -1  # of every convolution; -1: same padding (kernel // 2)
+        pool: bool = True  # max-pool 2 after each block
+
+        ADDED_LATER: ClassVar[tuple[str, ...]] = ("kernel_sizes", "stride", "padding", "pool")  # see Ref.spec
+
+        def kernels(self) -> tuple[int, ...]:
+            return self.kernel_sizes or (self.kernel_size,) * len(self.channels)
 
         def __post_init__(self):
             if not self.channels or any(c < 1 for c in self.channels):
                 raise ValueError(f"channels must be a non-empty list of positive sizes, got {list(self.channels)}")
-            if self.kernel_size < 1 or self.kernel_size % 2 == 0:
-                raise ValueError(f"kernel_size must be odd and positive (same padding), got {self.kernel_size}")
+            if self.kernel_sizes and len(self.kernel_sizes) != len(self.channels):
+                raise ValueError(f"kernel_sizes must give one size per block ({len(self.channels)}), "
+                                 f"got {list(self.kernel_sizes)}")
+            if any(k < 1 for k in self.kernels()):
+                raise ValueError(f"kernel sizes must be positive, got {list(self.kernels())}")
+            if self.padding == -1 and any(k % 2 == 0 for k in self.kernels()):
+                raise ValueError(f"same padding (padding: -1) needs odd kernel sizes, got "
+                                 f"{list(self.kernels())}; or set padding explicitly")
+            if self.stride < 1 or self.padding < -1:
+                raise ValueError(f"stride must be >= 1 and padding >= 0 (or -1: same), got "
+                                 f"stride={self.stride}, padding={self.padding}")
             if self.hidden < 0:
                 raise ValueError(f"hidden must be >= 0, got {self.hidden}")
             if not 0 <= self.dropout < 1:
@@ -93,13 +119,18 @@ class CNN(ModelFamily):
                             else (nn.Conv1d, nn.BatchNorm1d, nn.MaxPool1d))
         layers: OrderedDict[str, nn.Module] = OrderedDict(view=View(shape))
         width, spatial = shape[0], list(shape[1:])
-        for i, out in enumerate(p.channels, start=1):
+        for i, (out, kernel) in enumerate(zip(p.channels, p.kernels()), start=1):
+            pad = kernel // 2 if p.padding == -1 else p.padding
+            spatial = [(s + 2 * pad - kernel) // p.stride + 1 for s in spatial]
+            if min(spatial) < 1:
+                raise ValueError(f"cnn block {i} leaves no positions of input {shape} (kernel {kernel}, "
+                                 f"stride {p.stride}, padding {pad}); use fewer blocks or a smaller stride")
             # The bias is redundant in front of batch norm, which has its own shift.
-            block = [conv(width, out, p.kernel_size, padding=p.kernel_size // 2, bias=not p.batch_norm)]
+            block = [conv(width, out, kernel, stride=p.stride, padding=pad, bias=not p.batch_norm)]
             if p.batch_norm:
                 block.append(norm(out))
             block.append(nn.ReLU())
-            if min(spatial) >= 2:  # deep stacks on small inputs stop pooling at 1 pixel
+            if p.pool and min(spatial) >= 2:  # deep stacks on small inputs stop pooling at 1 pixel
                 block.append(pool(2))
                 spatial = [s // 2 for s in spatial]
             layers[f"block{i}"] = nn.Sequential(*block)
