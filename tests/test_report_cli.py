@@ -169,7 +169,7 @@ def test_a_report_states_how_the_machine_was_used(run, capsys, tmp_path):
 
     # Two cells overlap, the third runs alone: at most 2 at once.
     line, = conditions([cell("a", 0, 10, 1.5), cell("b", 5, 20, 2.5), cell("c", 30, 40, 0.9)])
-    assert line == ("run `r1`: 3 cells, Test CPU (2 cores), 1 torch thread(s) per cell, at most 2 cell(s) at "
+    assert line == ("run `r1` (exp): 3 cells, Test CPU (2 cores), 1 torch thread(s) per cell, at most 2 cell(s) at "
                     "once, 1 min from first start to last finish, load average while timing 0.9-2.5")
 
 

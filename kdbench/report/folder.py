@@ -163,7 +163,8 @@ def conditions(records: Sequence[Record]) -> list[str]:
             parts.append(f"{wall:.0f} min from first start to last finish")
         if loads:
             parts.append(f"load average while timing {min(loads):.1f}-{max(loads):.1f}")
-        lines.append(f"run `{run}`: " + ", ".join(parts))
+        names = ", ".join(dict.fromkeys(r.experiment for r in rows))
+        lines.append(f"run `{run}` ({names}): " + ", ".join(parts))
     return lines
 
 

@@ -293,7 +293,9 @@ def _relative(out: pd.DataFrame) -> pd.DataFrame:
             # Medians of two cells timed apart: a ratio of medians, not a paired ratio.
             extra[f"speedup_reference_{lat.split('_')[1]}"].append(
                 _ratio(r[f"{lat}_mean"], row[f"{lat}_mean"]) if r is not None else math.nan)
-    return out.assign(**extra)
+    # One concat, not a column at a time: a wide summary would be fragmented (pandas warns).
+    added = pd.DataFrame(extra, index=out.index)
+    return pd.concat([out.drop(columns=[c for c in added if c in out]), added], axis=1)
 
 
 def _rank_and_front(out: pd.DataFrame) -> pd.DataFrame:
