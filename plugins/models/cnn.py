@@ -100,8 +100,10 @@ class CNN(ModelFamily):
             if any(k < 1 for k in self.kernels()):
                 raise ValueError(f"kernel sizes must be positive, got {list(self.kernels())}")
             if self.padding == -1 and any(k % 2 == 0 for k in self.kernels()):
-                raise ValueError(f"same padding (padding: -1) needs odd kernel sizes, got "
-                                 f"{list(self.kernels())}; or set padding explicitly")
+                given = "kernel_sizes" if self.kernel_sizes else "kernel_size"
+                raise ValueError(f"{given} {list(self.kernel_sizes) or self.kernel_size}: same padding "
+                                 "(padding: -1, the default) needs odd kernel sizes; use an odd "
+                                 f"{given} (3, 5, ...) or set padding explicitly")
             if self.stride < 1 or self.padding < -1:
                 raise ValueError(f"stride must be >= 1 and padding >= 0 (or -1: same), got "
                                  f"stride={self.stride}, padding={self.padding}")
